@@ -1,0 +1,1 @@
+"""deeprecon.cpp_ext: the fused NCC + ROI-L2 loss op."""

@@ -1,0 +1,1 @@
+"""deeprecon.export: turns trained networks into a model bundle (manifest, safetensors, graphs)."""

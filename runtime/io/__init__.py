@@ -1,0 +1,1 @@
+"""Study loaders: NIfTI, ACDC, DICOM."""

@@ -1,0 +1,1 @@
+"""deeprecon.trainer: network definitions, data sets, losses and training loops (PyTorch)."""
