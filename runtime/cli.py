@@ -1,0 +1,219 @@
+"""The `deeprecon-rt` command line: a thin layer over the Python API.
+
+Every failure leaves through :func:`main`, which turns it into a message on stderr and
+an exit code (see :mod:`deeprecon.runtime.errors`); a traceback is printed only with
+``-v``/``--verbose``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from deeprecon.runtime import __version__
+from deeprecon.runtime.errors import DeepreconError, ExitCode, UsageError
+
+log = logging.getLogger("deeprecon")
+
+app = typer.Typer(
+    name="deeprecon-rt",
+    help="Cardiac cine MRI: segmentation, 3D reconstruction and motion adaptation "
+         "by GAN inversion (DeepRecon). Runs offline; never makes network calls.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+study_app = typer.Typer(help="Inspect a study (DICOM folder, NIfTI file, ACDC patient folder).",
+                        no_args_is_help=True)
+eval_app = typer.Typer(help="Compare results with references.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+app.add_typer(eval_app, name="eval")
+
+_verbosity = {"level": logging.INFO}
+
+
+def _version_callback(value: bool):
+    if value:
+        typer.echo(f"deeprecon-rt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging; tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    if verbose and quiet:
+        raise UsageError("--verbose and --quiet exclude each other")
+    _verbosity["level"] = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    _setup_logging(_verbosity["level"])
+
+
+def _setup_logging(level: int) -> None:
+    root = logging.getLogger("deeprecon")
+    root.handlers.clear()
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        handler: logging.Handler = RichHandler(show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+# --------------------------------------------------------------------------- study
+@study_app.command("info")
+def study_info(
+    path: Path = typer.Argument(..., help="DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use when the folder holds several short-axis series."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """Print what was found: series, phases, slices, matrix, spacing, gap, orientation, warnings."""
+    from deeprecon.runtime.io import load_study
+
+    study = load_study(path, series=series)
+    desc = study.describe()
+    if as_json:
+        typer.echo(json.dumps(desc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Study: {desc['source']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("format", desc["format"]),
+        ("series", f"{desc['series_uid'] or '-'} {desc['description']}".strip()),
+        ("phases", str(desc["phases"])),
+        ("slices", str(desc["slices"])),
+        ("matrix (rows x cols)", "{} x {}".format(*desc["matrix"])),
+        ("pixel spacing (mm)", "{:g} x {:g}".format(*desc["pixel_spacing_mm"])),
+        ("slice gap (mm)", "-" if desc["slice_gap_mm"] is None else f"{desc['slice_gap_mm']:g}"),
+        ("slice thickness (mm)", "-" if desc["slice_thickness_mm"] is None else f"{desc['slice_thickness_mm']:g}"),
+        ("orientation", desc["orientation"]),
+        ("ED / ES phase", f"{desc['ed_phase']} / {desc['es_phase']}"),
+        ("labels", "yes" if desc["has_labels"] else "no"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    for k, v in desc["info"].items():
+        table.add_row(k, str(v))
+    console = Console()
+    console.print(table)
+    for w in desc["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+# --------------------------------------------------------------------------- phantom
+@app.command("phantom")
+def phantom(
+    out_dir: Path = typer.Argument(..., help="Folder to write the phantom into (created)."),
+    slices: int = typer.Option(10, "--slices", min=2, max=64, help="Short-axis slices."),
+    phases: int = typer.Option(2, "--phases", min=1, max=100, help="Cardiac phases over one RR interval."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (noise, misalignment)."),
+    shift_mm: float = typer.Option(0.0, "--shift-mm", min=0.0, help="SD of per-slice in-plane shifts (breath-hold misalignment), mm."),
+    preview: bool = typer.Option(True, "--preview/--no-preview", help="Also write preview.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written files as JSON."),
+):
+    """Write a synthetic cine short-axis study with exact labels, high-resolution truth and long-axis planes."""
+    from deeprecon.runtime.phantom import make_phantom, save_phantom_preview, write_phantom
+
+    ph = make_phantom(slices=slices, phases=phases, seed=seed, shift_mm=shift_mm)
+    files = write_phantom(ph, out_dir)
+    if preview:
+        path = Path(out_dir) / "preview.png"
+        save_phantom_preview(ph, path)
+        files["preview"] = str(path)
+    if as_json:
+        typer.echo(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    else:
+        log.info("phantom written to %s (%d slices x %d phases, seed %d)", out_dir, slices, phases, seed)
+        for k, v in files.items():
+            typer.echo(f"{k}: {v}")
+
+
+# --------------------------------------------------------------------------- eval
+@eval_app.command("seg")
+def eval_seg(
+    pred: Path = typer.Argument(..., help="Predicted label NIfTI (project labels 1 LVC, 2 LVM, 3 RVC)."),
+    ref: Path = typer.Argument(..., help="Reference label NIfTI on the same grid."),
+    ref_convention: str = typer.Option("project", "--ref-convention", help="Labels of REF: 'project' or 'acdc' (1 RV, 2 MYO, 3 LV)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """Dice, HD95 and ASSD (mm) per structure between two label volumes."""
+    from deeprecon.runtime.metrics import compare_label_files
+
+    if ref_convention not in ("project", "acdc"):
+        raise UsageError(f"--ref-convention must be 'project' or 'acdc', got {ref_convention!r}")
+    result = compare_label_files(pred, ref, ref_convention=ref_convention)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{pred} vs {ref}")
+    for col in ("structure", "Dice", "HD95 (mm)", "ASSD (mm)"):
+        table.add_column(col)
+    for name, m in result["structures"].items():
+        table.add_row(name, *(_fmt(m.get(k)) for k in ("dice", "hd95_mm", "assd_mm")))
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) the process exit code."""
+    code = run(argv)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code instead of exiting (for tests and embedding)."""
+    _setup_logging(logging.INFO)
+    try:
+        # standalone mode: typer prints usage errors itself and exits with 2
+        app(args=argv, prog_name="deeprecon-rt")
+        return ExitCode.OK
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.USAGE)
+    except DeepreconError as e:
+        _error(str(e), exc=e)
+        return e.exit_code
+    except MemoryError as e:
+        _error("out of memory: the study is too large for this machine's memory; "
+               "process fewer phases at a time or use a machine with more memory", exc=e)
+        return ExitCode.OUT_OF_MEMORY
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as e:  # a bug: say so, and how to report it
+        _error(f"internal error: {type(e).__name__}: {e}\n"
+               "  this is a bug in deeprecon-rt; rerun with -v for the traceback and report it",
+               exc=e)
+        return ExitCode.INTERNAL
+
+
+def _error(message: str, exc: BaseException | None = None) -> None:
+    sys.stderr.write(f"deeprecon-rt: error: {message}\n")
+    if exc is not None and _verbosity["level"] <= logging.DEBUG:
+        import traceback
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
