@@ -1,1 +1,32 @@
-"""Study loaders: NIfTI, ACDC, DICOM."""
+"""Study loaders: NIfTI, ACDC, DICOM, and the checks every loaded study goes through.
+
+Public API::
+
+    load_study(path, *, series=None) -> Study      # picks the loader from the path
+    load_nifti(path, *, labels=None, label_convention="project") -> Study
+    load_acdc(folder) -> Study
+    load_dicom(folder, *, series=None) -> Study
+    validate_study(study) -> Study
+
+Errors are :class:`~deeprecon.runtime.errors.DeepreconError` subclasses with an exit
+code; the specific ones (``MixedSeriesError``, ``MissingSliceError``, ...) live in
+:mod:`deeprecon.runtime.io.validate` and are re-exported here.
+"""
+from deeprecon.runtime.io.acdc import is_acdc_folder, load_acdc, parse_info_cfg
+from deeprecon.runtime.io.dicom import load_dicom
+from deeprecon.runtime.io.load import load_study
+from deeprecon.runtime.io.nifti import find_label_file, load_nifti
+from deeprecon.runtime.io.validate import (
+    AmbiguousInputError, DuplicatePositionError, GeometryMismatchError, LabelError,
+    MissingSliceError, MixedSeriesError, NoImagesError, NonFiniteError, NonMRError,
+    NoStackError, OrientationMismatchError, PhaseCountMismatchError, UnknownSeriesError,
+    UnreadableFilesError, UnsupportedTransferSyntaxError, validate_study)
+
+__all__ = [
+    "load_study", "load_nifti", "load_acdc", "load_dicom", "validate_study",
+    "is_acdc_folder", "parse_info_cfg", "find_label_file",
+    "AmbiguousInputError", "DuplicatePositionError", "GeometryMismatchError", "LabelError",
+    "MissingSliceError", "MixedSeriesError", "NoImagesError", "NonFiniteError", "NonMRError",
+    "NoStackError", "OrientationMismatchError", "PhaseCountMismatchError", "UnknownSeriesError",
+    "UnreadableFilesError", "UnsupportedTransferSyntaxError",
+]
