@@ -127,18 +127,13 @@ def phantom(
     as_json: bool = typer.Option(False, "--json", help="Print the written files as JSON."),
 ):
     """Write a synthetic cine short-axis study with exact labels, high-resolution truth and long-axis planes."""
-    from deeprecon.runtime.phantom import make_phantom, save_phantom_preview, write_phantom
+    from deeprecon.runtime.phantom import make_phantom, write_phantom
 
     ph = make_phantom(slices=slices, phases=phases, seed=seed, shift_mm=shift_mm)
-    files = write_phantom(ph, out_dir)
-    if preview:
-        path = Path(out_dir) / "preview.png"
-        save_phantom_preview(ph, path)
-        files["preview"] = str(path)
+    files = write_phantom(ph, out_dir, preview=preview)
     if as_json:
         typer.echo(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
     else:
-        log.info("phantom written to %s (%d slices x %d phases, seed %d)", out_dir, slices, phases, seed)
         for k, v in files.items():
             typer.echo(f"{k}: {v}")
 
