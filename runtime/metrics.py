@@ -32,7 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
-from deeprecon.runtime.study import ACDC_TO_PROJECT, LABELS
+from deeprecon.runtime.io.nifti import labels_to_project
+from deeprecon.runtime.study import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -247,18 +248,7 @@ def _label_array(img, path: Path, convention: str, what: str) -> np.ndarray:
 
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidStudyError(f"{what} {path}: multi-component pixels; expected a label map")
-    arr = sitk.GetArrayFromImage(img)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise InvalidStudyError(f"{what} {path}: non-integer values; expected a label map (0..3)",
-                                    hint="pass a label map, not a probability map or an image")
-    vals = np.unique(arr)
-    if vals.size and (vals.min() < 0 or vals.max() > 3):
-        bad = [v.item() for v in vals if v < 0 or v > 3][:10]
-        raise InvalidStudyError(f"{what} {path}: label values {bad} outside 0..3",
-                                hint="labels must be 0 background and 1..3 heart structures")
-    arr = arr.astype(np.uint8)
-    return ACDC_TO_PROJECT[arr] if convention == "acdc" else arr
+    return labels_to_project(sitk.GetArrayFromImage(img), convention, f"{what} {path}")
 
 
 def check_same_grid(a, b, *, names: tuple[str, str] = ("pred", "ref"), atol: float = GRID_ATOL) -> None:

@@ -198,8 +198,10 @@ def image_to_arrays(img, *, what: str = "") -> tuple[np.ndarray, Geometry, np.nd
     return np.ascontiguousarray(arr), geometry, trig, reversed_, warnings
 
 
-def _labels_to_project(lab: np.ndarray, convention: str, path: Path) -> np.ndarray:
-    """Integer label array in ``convention`` -> uint8 project labels (1 LVC, 2 LVM, 3 RVC)."""
+def labels_to_project(lab: np.ndarray, convention: str, path: Path | str) -> np.ndarray:
+    """Integer label array in ``convention`` -> uint8 project labels (1 LVC, 2 LVM, 3 RVC).
+
+    Raises LabelError (exit 65) for non-integer values or values outside 0..3."""
     if np.issubdtype(lab.dtype, np.floating):
         if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
             raise LabelError(f"{path}: label image holds non-integer values",
@@ -243,7 +245,7 @@ def read_labels(path: str | Path, *, like, image_shape: tuple[int, ...],
     lab, _, _, _, _ = image_to_arrays(limg, what=what)
     if lab.shape != image_shape:
         raise LabelError(f"{path}: label array {lab.shape} != image array {image_shape}")
-    return _labels_to_project(lab, label_convention, path)
+    return labels_to_project(lab, label_convention, path)
 
 
 def load_nifti(path: str | Path, *, labels: str | Path | bool | None = None,
