@@ -47,7 +47,9 @@ def extensions():
     sources = sorted(glob.glob("cpp_ext/csrc/*.cpp"))
     if not sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for
+    # torch >= 2.10), for the host compiler and for nvcc.
+    cxx_flags = ["-O3"]
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
     macros = []
@@ -73,6 +75,7 @@ ext_modules, cmdclass = extensions()
 setup(
     packages=find_packages(),
     package_dir=PACKAGE_DIRS,
+    include_package_data=False,  # C++/CUDA sources are built, not shipped
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
