@@ -204,14 +204,6 @@ def _apply(r: np.ndarray, c: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.matmul(tmp, np.swapaxes(c, -1, -2))  # [..., S, U, V]
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks of the same shape (1.0 when both are empty)."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
-
-
 # ----------------------------------------------------------------------------- transform
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import pytest
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
 from deeprecon.runtime.localize import HeartLocation
-from deeprecon.runtime.preprocess import (ModelGridTransform, PreprocessConfig, dice,
-                                          prepare)
+from deeprecon.runtime.io import load_acdc
+from deeprecon.runtime.metrics import dice
+from deeprecon.runtime.preprocess import ModelGridTransform, PreprocessConfig, prepare
 from deeprecon.runtime.study import Geometry, Study
 
 log = logging.getLogger(__name__)
@@ -368,10 +369,6 @@ def test_transform_json_round_trip():
 def _acdc_patients():
     if not ACDC.is_dir():
         pytest.skip(f"shared ACDC data not found at {ACDC} (it is not redistributed)")
-    try:
-        from deeprecon.runtime.io import load_acdc
-    except ImportError as exc:  # pragma: no cover - the loader is part of the project
-        pytest.fail(f"deeprecon.runtime.io.load_acdc is not importable: {exc}")
     folders = sorted(p for p in ACDC.glob("patient*") if p.is_dir())
     if not folders:
         pytest.skip(f"no patient folders under {ACDC}")
