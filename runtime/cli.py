@@ -102,7 +102,8 @@ def study_info(
         ("slice gap (mm)", "-" if desc["slice_gap_mm"] is None else f"{desc['slice_gap_mm']:g}"),
         ("slice thickness (mm)", "-" if desc["slice_thickness_mm"] is None else f"{desc['slice_thickness_mm']:g}"),
         ("orientation", desc["orientation"]),
-        ("ED / ES phase", f"{desc['ed_phase']} / {desc['es_phase']}"),
+        ("ED / ES phase", "unknown" if desc["ed_phase"] is None and desc["es_phase"] is None
+         else f"{_fmt(desc['ed_phase'])} / {_fmt(desc['es_phase'])}"),
         ("labels", "yes" if desc["has_labels"] else "no"),
     ]
     for k, v in rows:
