@@ -115,6 +115,27 @@ def test_float_data_uses_rescale_slope_intercept(tmp_path, small):
     np.testing.assert_allclose(got.images, st.images, atol=slope)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_monochrome1_is_inverted_to_monochrome2(tmp_path, small, signed):
+    # values above int16 make the writer store unsigned data
+    st = dataclasses.replace(small, images=small.images + (0.0 if signed else 40000.0))
+    bits = 16
+
+    def to_monochrome1(ds, p, s):
+        dtype = np.int16 if ds.PixelRepresentation == 1 else np.uint16
+        a = np.frombuffer(ds.PixelData, dtype=dtype).astype(np.int64)
+        inv = (-1 - a) if ds.PixelRepresentation == 1 else ((2 ** bits - 1) - a)
+        ds.PixelData = inv.astype(dtype).tobytes()
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        return ds
+
+    write_dicom_series(st, tmp_path / "m1", edit=to_monochrome1)
+    assert read_back(next((tmp_path / "m1").iterdir())).PixelRepresentation == int(signed)
+    got = load_dicom(tmp_path / "m1")
+    np.testing.assert_array_equal(got.images, st.images)
+    assert any("MONOCHROME1" in w for w in got.warnings)
+
+
 def test_phases_sorted_by_trigger_time_with_instance_tie_break(tmp_path, small):
     # instance numbers in reverse phase order: the trigger time must win
     def edit(ds, p, s):

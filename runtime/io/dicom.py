@@ -332,10 +332,10 @@ def _scan(root: Path) -> _Scan:
     return scan
 
 
-def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[tuple[Path, str]]]:
+def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[tuple[Path, str]], int]:
     """Read and rescale the pixels of ``frames``. Returns (kept frames, [H, W] float64
-    arrays, unreadable (path, reason)). Raises UnsupportedTransferSyntaxError when
-    compressed data has no decoder installed."""
+    arrays, unreadable (path, reason), number of MONOCHROME1 files inverted). Raises
+    UnsupportedTransferSyntaxError when compressed data has no decoder installed."""
     import pydicom
     from pydicom.uid import UID
 
@@ -343,6 +343,7 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
     for f in frames:
         by_path[f.path].append(f)
     kept, pixels, bad = [], [], []
+    n_inverted = 0
     for path, fs in by_path.items():
         ts = UID(fs[0].transfer_syntax) if fs[0].transfer_syntax else None
         if ts is not None and ts.is_compressed:
@@ -368,6 +369,9 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
                     raise ValueError("no pixel data")
                 _ensure_transfer_syntax(ds)
                 arr = np.asarray(ds.pixel_array)
+                if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+                    arr = _invert_monochrome1(arr, ds)
+                    n_inverted += 1
         except UnsupportedTransferSyntaxError:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt pixel data
@@ -380,7 +384,18 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
                 continue
             kept.append(f)
             pixels.append(a.astype(np.float64) * f.slope + f.intercept)
-    return kept, pixels, bad
+    return kept, pixels, bad, n_inverted
+
+
+def _invert_monochrome1(arr: np.ndarray, ds) -> np.ndarray:
+    """MONOCHROME1 stores 0 as white: map stored values onto MONOCHROME2 (0 = black) so
+    that blood stays bright, keeping the stored range ([0, 2^bits - 1] unsigned,
+    [-2^(bits-1), 2^(bits-1) - 1] signed)."""
+    bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
+    a = arr.astype(np.int64)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -1 - a
+    return (2 ** bits - 1) - a
 
 
 def _ensure_transfer_syntax(ds) -> None:
@@ -505,7 +520,10 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
            max_angle_deg: float, warnings: list[str], info: dict) -> Study:
     """Frames of one stack -> Study (checks orientation, in-plane grid, positions, phases)."""
     ctx = f"{root}: series {', '.join(uids)}: " if len(uids) <= 3 else f"{root}: {len(uids)} merged series: "
-    kept, pixels, bad = _decode(frames)
+    kept, pixels, bad, n_inverted = _decode(frames)
+    if n_inverted:
+        warnings.append(f"{ctx}{n_inverted} MONOCHROME1 image file{'s' if n_inverted > 1 else ''} "
+                        "(0 = white) inverted to MONOCHROME2 (0 = black)")
     if bad:
         skipped = skipped + bad
         warnings.append(_unreadable_warning(bad, root))
