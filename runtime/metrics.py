@@ -112,6 +112,20 @@ def _pair(pred, ref, label):
     return a, b, a.any(), b.any()
 
 
+def _absent(has_pred: bool, has_ref: bool) -> float:
+    """Distance for a structure missing from one or both volumes: NaN if absent in both,
+    +inf if absent in one."""
+    return float("nan") if not has_pred and not has_ref else float("inf")
+
+
+def _hd_from(dab: np.ndarray, dba: np.ndarray, percentile: float = 95.0) -> float:
+    return float(np.percentile(np.concatenate([dab, dba]), percentile))
+
+
+def _assd_from(dab: np.ndarray, dba: np.ndarray) -> float:
+    return float((dab.mean() + dba.mean()) / 2.0)
+
+
 def hausdorff95(pred: np.ndarray, ref: np.ndarray, label: int | None, spacing: Sequence[float],
                 *, percentile: float = 95.0) -> float:
     """HD95 in mm: the ``percentile`` of the pooled symmetric surface distances.
@@ -120,12 +134,9 @@ def hausdorff95(pred: np.ndarray, ref: np.ndarray, label: int | None, spacing: S
     spacing: voxel size per axis, mm. NaN if absent in both, +inf if absent in one.
     """
     a, b, ha, hb = _pair(pred, ref, label)
-    if not ha and not hb:
-        return float("nan")
-    if not ha or not hb:
-        return float("inf")
-    dab, dba = surface_distances(a, b, spacing)
-    return float(np.percentile(np.concatenate([dab, dba]), percentile))
+    if not (ha and hb):
+        return _absent(ha, hb)
+    return _hd_from(*surface_distances(a, b, spacing), percentile)
 
 
 def hausdorff(pred: np.ndarray, ref: np.ndarray, label: int | None, spacing: Sequence[float]) -> float:
@@ -139,12 +150,9 @@ def assd(pred: np.ndarray, ref: np.ndarray, label: int | None, spacing: Sequence
     NaN if absent in both, +inf if absent in one.
     """
     a, b, ha, hb = _pair(pred, ref, label)
-    if not ha and not hb:
-        return float("nan")
-    if not ha or not hb:
-        return float("inf")
-    dab, dba = surface_distances(a, b, spacing)
-    return float((dab.mean() + dba.mean()) / 2.0)
+    if not (ha and hb):
+        return _absent(ha, hb)
+    return _assd_from(*surface_distances(a, b, spacing))
 
 
 def structure_metrics(pred: np.ndarray, ref: np.ndarray, label: int | None,
@@ -152,20 +160,21 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, label: int | None,
     """Dice, HD95, ASSD (mm), voxel counts and volumes (mL) of one structure in one volume.
 
     pred, ref: [S, H, W] (or 2D) label arrays; spacing (z, y, x) mm (one value per axis).
+    The surface distances are computed once for both HD95 and ASSD.
     """
     a, b, ha, hb = _pair(pred, ref, label)
     sp = _check_spacing(spacing, a.ndim)
     voxel_ml = float(np.prod(sp)) / 1000.0
     na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
-    out: dict[str, Any] = {"dice": dice(a, b), "hd95_mm": float("nan"), "assd_mm": float("nan"),
-                           "pred_voxels": na, "ref_voxels": nb,
-                           "pred_volume_ml": na * voxel_ml, "ref_volume_ml": nb * voxel_ml}
     if ha and hb:
         dab, dba = surface_distances(a, b, sp)
-        out["hd95_mm"] = float(np.percentile(np.concatenate([dab, dba]), 95.0))
-        out["assd_mm"] = float((dab.mean() + dba.mean()) / 2.0)
-    elif ha or hb:
-        out["hd95_mm"] = out["assd_mm"] = float("inf")
+        hd95, mean_sd = _hd_from(dab, dba), _assd_from(dab, dba)
+    else:
+        hd95 = mean_sd = _absent(ha, hb)
+    out: dict[str, Any] = {"dice": dice(a, b), "hd95_mm": hd95, "assd_mm": mean_sd,
+                           "pred_voxels": na, "ref_voxels": nb,
+                           "pred_volume_ml": na * voxel_ml, "ref_volume_ml": nb * voxel_ml}
+    if ha != hb:
         out["absent_in"] = "ref" if ha else "pred"
     return out
 
