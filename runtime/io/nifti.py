@@ -98,6 +98,15 @@ def _check_complete(path: Path, img) -> None:
     except (RuntimeError, ValueError):
         return  # not the metadata of a NIfTI reader: nothing to compare against
     if path.name.lower().endswith(".gz"):
+        # Fast path: a complete single-member gzip ends with ISIZE, the uncompressed size
+        # mod 2^32; a truncated stream has lost that trailer. Anything else (a mismatch,
+        # multi-member gzip, trailing bytes) is decided by decompressing the whole stream.
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            if fh.tell() >= 18:
+                fh.seek(-4, 2)
+                if int.from_bytes(fh.read(4), "little") == expected % (1 << 32):
+                    return
         size = 0
         try:
             with gzip.open(path, "rb") as fh:
