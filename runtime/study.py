@@ -169,24 +169,15 @@ class Study:
         """(rows, columns) of every slice."""
         return int(self.images.shape[2]), int(self.images.shape[3])
 
-    def to_sitk(self, volume: np.ndarray, *, slice_spacing: float | None = None):
-        """A SimpleITK image of one phase's [S, H, W] array with this study's geometry.
-
-        ``slice_spacing`` overrides the stack's spacing (for a super-resolved volume
-        that starts at the first slice).
-        """
-        import SimpleITK as sitk
-
+    def to_sitk(self, volume: np.ndarray, *, slice_spacing: float | None = None,
+                dt_ms: float | None = None):
+        """A SimpleITK image of a [S, H, W] (3D) or [P, S, H, W] (4D) array with this
+        study's geometry; see :func:`volume_to_sitk`."""
         volume = np.asarray(volume)
-        if volume.ndim != 3 or volume.shape[1:] != self.images.shape[2:]:
-            raise ValueError(f"volume must be [S, {self.matrix[0]}, {self.matrix[1]}], "
-                             f"got {volume.shape}")
-        img = sitk.GetImageFromArray(volume)
-        sx, sy, sz = self.geometry.spacing_xyz
-        img.SetSpacing((sx, sy, slice_spacing if slice_spacing is not None else sz))
-        img.SetOrigin(tuple(float(v) for v in self.geometry.origins[0]))
-        img.SetDirection(tuple(float(v) for v in self.geometry.direction.ravel()))
-        return img
+        if volume.ndim not in (3, 4) or volume.shape[-2:] != self.images.shape[2:]:
+            raise ValueError(f"volume must be [S, {self.matrix[0]}, {self.matrix[1]}] or "
+                             f"[P, S, {self.matrix[0]}, {self.matrix[1]}], got {volume.shape}")
+        return volume_to_sitk(volume, self.geometry, slice_spacing=slice_spacing, dt_ms=dt_ms)
 
     def phase_name(self, p: int) -> str:
         if p == self.ed_phase:
@@ -224,6 +215,39 @@ class Study:
             "info": self.info,
             "warnings": list(self.warnings),
         }
+
+
+def volume_to_sitk(volume: np.ndarray, geometry: Geometry, *, slice_spacing: float | None = None,
+                   dt_ms: float | None = None, t0_ms: float = 0.0):
+    """A SimpleITK image of ``volume`` placed by ``geometry``.
+
+    volume: [S, H, W] -> 3D image (x, y, z); [P, S, H, W] -> 4D image (x, y, z, t) with
+            time spacing ``dt_ms`` (1.0 when None) and origin ``t0_ms``.
+    The spatial part: spacing (column, row, slice) mm, origin = pixel (0, 0) of the first
+    slice, direction columns (row_dir, col_dir, normal). ``slice_spacing`` overrides the
+    stack's spacing (a super-resolved volume starting at the first slice). The array is
+    copied once, never per phase.
+    """
+    import SimpleITK as sitk
+
+    volume = np.ascontiguousarray(volume)
+    if volume.ndim not in (3, 4):
+        raise ValueError(f"volume must be [S, H, W] or [P, S, H, W], got shape {volume.shape}")
+    sx, sy, sz = geometry.spacing_xyz
+    spacing = (sx, sy, float(slice_spacing) if slice_spacing is not None else sz)
+    origin = tuple(float(v) for v in geometry.origins[0])
+    direction = geometry.direction
+    if volume.ndim == 4:
+        spacing += (1.0 if dt_ms is None else float(dt_ms),)
+        origin += (float(t0_ms),)
+        d4 = np.eye(4)
+        d4[:3, :3] = direction
+        direction = d4
+    img = sitk.GetImageFromArray(volume, isVector=False)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(tuple(float(v) for v in direction.ravel()))
+    return img
 
 
 def _unit(v) -> np.ndarray:
