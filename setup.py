@@ -76,6 +76,7 @@ setup(
     packages=find_packages(),
     package_dir=PACKAGE_DIRS,
     include_package_data=False,  # C++/CUDA sources are built, not shipped
+    package_data={"deeprecon.trainer": ["splits/*.json"]},  # the committed data split
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
