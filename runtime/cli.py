@@ -34,6 +34,34 @@ eval_app = typer.Typer(help="Compare results with references.", no_args_is_help=
 app.add_typer(study_app, name="study")
 app.add_typer(eval_app, name="eval")
 
+PLUGIN_GROUP = "deeprecon_rt.commands"
+
+
+def _add_plugins() -> None:
+    """Command groups of other parts of the package (``train`` from the trainer, later
+    ``export``), registered as entry points so that the runtime never imports them by
+    name. A plug-in that cannot be loaded is left out with a warning naming it."""
+    from importlib.metadata import distributions
+
+    # Every distribution's metadata is read (not the first per name, as entry_points()
+    # does): a stale *.egg-info left in the working folder by a build must not hide the
+    # installed package's commands.
+    found = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == PLUGIN_GROUP:
+                found.setdefault(ep.name, ep)
+    for ep in sorted(found.values(), key=lambda e: e.name):
+        try:
+            plugin = ep.load()
+        except Exception as e:  # a broken optional part must not take the CLI down
+            log.warning("command %r is unavailable: %s: %s", ep.name, type(e).__name__, e)
+            continue
+        app.add_typer(plugin, name=ep.name)
+
+
+_add_plugins()
+
 _verbosity = {"level": logging.INFO}
 
 
@@ -198,6 +226,10 @@ def run(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, and how to report it
+        if type(e).__name__ == "OutOfMemoryError":  # torch's device out-of-memory error
+            _error(f"out of memory on the device: {str(e).splitlines()[0]}; use a smaller "
+                   "--batch or another device", exc=e)
+            return ExitCode.OUT_OF_MEMORY
         _error(f"internal error: {type(e).__name__}: {e}\n"
                "  this is a bug in deeprecon-rt; rerun with -v for the traceback and report it",
                exc=e)

@@ -1,0 +1,166 @@
+"""The trainer's small parts: losses and quality figures, checkpoint files, configs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deeprecon.runtime.errors import UsageError
+from deeprecon.trainer import losses
+from deeprecon.trainer.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                          load_model, read_state, save_checkpoint, save_model)
+from deeprecon.trainer.config import PRESETS, ModelConfig, get_preset
+from deeprecon.trainer.run import config_with_overrides
+
+
+def test_psnr_and_ssim_known_values():
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert torch.allclose(losses.ssim(x, x), torch.ones(3), atol=1e-6)
+    y = x + 0.1  # MSE 0.01 over range 2: PSNR = 10 log10(4 / 0.01) = 26.02 dB
+    assert torch.allclose(losses.psnr(x, y), torch.full((3,), 10 * np.log10(400.0)), atol=1e-3)
+    noisy = x + 0.5 * torch.randn_like(x)
+    s = losses.ssim(x, noisy)
+    assert (s < 0.9).all() and (s > -1).all()
+    # an 11 x 11 image has one window: SSIM from Gaussian-weighted statistics by hand
+    a, b = (torch.rand(2, 1, 1, 11, 11, dtype=torch.float64) * 2 - 1)
+    g = np.exp(-(np.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    A, B = a[0, 0].numpy(), b[0, 0].numpy()
+    ma, mb = (w * A).sum(), (w * B).sum()
+    va, vb = (w * A * A).sum() - ma ** 2, (w * B * B).sum() - mb ** 2
+    cov = (w * A * B).sum() - ma * mb
+    c1, c2 = 0.02 ** 2, 0.06 ** 2
+    ref = (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    assert losses.ssim(a, b).item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_dice_loss_and_seg_loss():
+    labels = torch.randint(0, 4, (2, 16, 16))
+    perfect = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float() * 50
+    assert losses.dice_loss(perfect, labels) < 1e-4
+    wrong = torch.nn.functional.one_hot((labels + 1) % 4, 4).permute(0, 3, 1, 2).float() * 50
+    assert losses.dice_loss(wrong, labels) > 0.95
+    assert losses.seg_loss(perfect, labels) < losses.seg_loss(wrong, labels)
+    d = losses.dice_per_class(labels, labels, 4)
+    assert torch.equal(d, torch.ones(3, dtype=torch.float64))
+    d = losses.dice_per_class(torch.zeros_like(labels), torch.zeros_like(labels), 4)
+    assert torch.isnan(d).all()
+
+
+def test_frechet_distance_matches_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (20000, 3))
+    b = rng.normal(0, 2, (20000, 3)) + np.array([1.0, 0.0, -1.0])
+    # diagonal Gaussians: |mu_a - mu_b|^2 + sum (s_a - s_b)^2 = 2 + 3 * 1
+    assert losses.frechet_distance(a, b) == pytest.approx(5.0, rel=0.03)
+    assert losses.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_r1_penalty_is_the_squared_gradient_norm():
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    w = torch.randn(1, 1, 8, 8)
+    logits = (x * w).sum(dim=(1, 2, 3))[:, None]  # dD/dx = w for every image
+    assert losses.r1_penalty(x, logits).item() == pytest.approx(float(w.square().sum()), rel=1e-5)
+
+
+def test_presets_round_trip_and_shapes():
+    for name, preset in PRESETS.items():
+        assert ModelConfig.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+        assert preset.generator.num_ws == preset.encoder.num_ws == preset.wseg.num_ws
+    assert get_preset("tiny").resolution == 32
+    assert get_preset("base128").generator.num_ws == 12
+    with pytest.raises(UsageError, match="small128"):
+        get_preset("huge")
+
+
+def test_stage_config_overrides_are_typed():
+    from deeprecon.trainer.stages.gan import Config
+
+    cfg = config_with_overrides(Config, "tiny", {"lr_g": "0.01", "augment": "false",
+                                                 "betas": "0.1,0.9", "steps": "7"})
+    assert cfg.lr_g == 0.01 and cfg.augment is False and cfg.betas == (0.1, 0.9) and cfg.steps == 7
+    with pytest.raises(UsageError, match="expected a int"):
+        config_with_overrides(Config, "tiny", {"steps": "many"})
+    with pytest.raises(UsageError, match="unknown setting"):
+        config_with_overrides(Config, "tiny", {"nope": "1"})
+
+
+def _net_and_opt():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+    return net, opt
+
+
+def test_checkpoint_round_trip_is_bit_exact_and_restores_rng(tmp_path):
+    net, opt = _net_and_opt()
+    torch.manual_seed(123)
+    save_checkpoint(tmp_path, 3, modules={"net": net}, optimizers={"net": opt},
+                    extra_tensors={"p": torch.tensor(0.25)}, extra={"epoch": 2})
+    expected_next = torch.rand(4)
+    net2, opt2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                     torch.nn.Linear(8, 2)), None
+    opt2 = torch.optim.Adam(net2.parameters(), lr=5.0)
+    torch.manual_seed(999)
+    step, t, extra = load_checkpoint(latest_checkpoint(tmp_path), modules={"net": net2},
+                                     optimizers={"net": opt2})
+    assert step == 3 and extra == {"epoch": 2} and float(t["p"]) == 0.25
+    assert torch.equal(torch.rand(4), expected_next)  # the RNG continues where it was saved
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    for i in s1:
+        for k in s1[i]:
+            assert torch.equal(torch.as_tensor(s1[i][k]), torch.as_tensor(s2[i][k]))
+
+
+def test_checkpoint_keeps_the_last_two_and_refuses_damage(tmp_path):
+    net, opt = _net_and_opt()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, modules={"net": net}, optimizers={"net": opt})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*"))
+    assert names == ["ckpt-00000002", "ckpt-00000003"]
+    assert read_state(latest_checkpoint(tmp_path))[1]["step"] == 3
+    # a module that does not fit
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(latest_checkpoint(tmp_path), modules={"net": torch.nn.Linear(4, 2)})
+    with pytest.raises(CheckpointError, match="no module"):
+        load_checkpoint(latest_checkpoint(tmp_path), modules={"other": net})
+    # one byte changed in the tensor file
+    f = latest_checkpoint(tmp_path) / "state.safetensors"
+    data = bytearray(f.read_bytes())
+    data[4] ^= 0xFF  # the header length
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_state(latest_checkpoint(tmp_path))
+
+
+def test_model_file_is_float16_except_exact_buffers(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.register_buffer("w_avg", torch.randn(3))
+
+    net = Net()
+    path = save_model(tmp_path / "model.safetensors", {"G": net}, config={"name": "x"})
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    assert t["G.lin.weight"].dtype == torch.float16 and t["G.w_avg"].dtype == torch.float32
+    other = Net()
+    assert load_model(path, {"G": other}) == {"name": "x"}
+    assert torch.equal(other.w_avg, net.w_avg)
+    assert torch.allclose(other.lin.weight, net.lin.weight, atol=1e-3)
+    with pytest.raises(CheckpointError, match="another shape"):
+        load_model(path, {"G": torch.nn.Linear(3, 4)})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(tmp_path / "junk.safetensors", {"G": net})

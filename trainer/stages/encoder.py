@@ -1,0 +1,101 @@
+"""Stage ``encoder``: E (image -> w+) trained on real slices with G frozen.
+
+Loss per batch: ``lambda_l2 * ||x - G(E(x))||^2 + lambda_lpips * LPIPS(x, G(E(x)))
++ lambda_reg * mean((E(x) - w_avg)^2)``, the last term keeping the codes near the
+region of w+ that G was trained on (e4e's motivation). E predicts offsets from G's
+average latent, which is copied into E at the start.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from deeprecon.runtime.errors import UsageError
+
+from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from ..data import BatchSampler, build_slices
+from ..distributed import all_reduce_grads, barrier, broadcast_module
+from ..losses import psnr
+from ..lpips import load_lpips
+from ..networks import Encoder, Generator
+from ..run import RunContext, load_networks, upstream
+from .common import seed_all
+
+log = logging.getLogger("deeprecon.trainer.encoder")
+
+NEEDS = ("gan",)
+
+
+@dataclass(frozen=True)
+class Config:
+    steps: int = 20000
+    batch: int = 16
+    lr: float = 1e-4
+    lambda_l2: float = 1.0
+    lambda_lpips: float = 0.8
+    lambda_reg: float = 0.01
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Config":
+        if preset == "tiny":
+            return cls(steps=4, batch=4, lr=1e-3, checkpoint_every=2, log_every=1)
+        return cls()
+
+
+def run(ctx: RunContext, cfg: Config) -> dict:
+    dist, device = ctx.dist, ctx.device
+    if cfg.batch % dist.world_size:
+        raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
+    upstream(ctx.inputs["gan"], "gan", ctx.model)
+    G = load_networks(ctx.inputs["gan"], {"G": lambda: Generator(ctx.model.generator)},
+                      device=device)["G"]
+    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
+                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    reals = data.images
+    lpips = load_lpips(device=device)
+
+    seed_all(cfg.seed)
+    E = Encoder(ctx.model.encoder).to(device)
+    with torch.no_grad():
+        E.w_avg.copy_(G.w_avg)
+    opt = torch.optim.Adam(E.parameters(), lr=cfg.lr)
+    sampler = BatchSampler(len(reals), cfg.batch // dist.world_size, seed=cfg.seed,
+                           rank=dist.rank, world_size=dist.world_size)
+    step = 0
+    if ctx.resume:
+        step, _, extra = load_checkpoint(latest_checkpoint(ctx.run_dir), modules={"E": E},
+                                         optimizers={"E": opt})
+        sampler.load_state_dict(extra["sampler"])
+    broadcast_module(E, dist)
+
+    last = {}
+    while step < cfg.steps:
+        x = reals[sampler.next_batch()].to(device)  # [b, 1, R, R]
+        ws = E(x)  # [b, L, C]
+        y = G(ws)
+        l2 = (x - y).square().mean()
+        lp = lpips(x, y).mean()
+        reg = (ws - G.w_avg).square().mean()
+        loss = cfg.lambda_l2 * l2 + cfg.lambda_lpips * lp + cfg.lambda_reg * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(E.parameters(), dist)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            last = {"loss": loss.item(), "l2": l2.item(), "lpips": lp.item(), "reg": reg.item(),
+                    "psnr": psnr(x.detach(), y.detach()).mean().item()}
+            ctx.log(step, **last)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if ctx.is_main:
+                save_checkpoint(ctx.run_dir, step, modules={"E": E}, optimizers={"E": opt},
+                                extra={"sampler": sampler.state_dict()})
+                save_model(ctx.run_dir / MODEL_FILE, {"E": E}, config=ctx.model.to_dict())
+            barrier(dist)
+        ctx.tick(step, cfg.steps)
+    return {"steps": step, **last}

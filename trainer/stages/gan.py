@@ -1,0 +1,252 @@
+"""Stage ``gan``: StyleGAN2 G and D on the training slices, with adaptive discriminator
+augmentation (ADA), lazy R1, an EMA of G and optional path-length regularisation.
+
+One step: a G pass (non-saturating loss through the augmented fakes), an optional
+path-length pass, a D pass (logistic loss on augmented reals and fakes, plus R1 every
+``r1_interval`` steps, scaled by the interval as in StyleGAN2's lazy regularisation),
+then the EMA update of G and the ADA probability update.
+
+Quality figure: the Frechet distance between real and generated slices in the feature
+space of the shift-tolerant LPIPS AlexNet (relu5, global-average pooled, 256
+features), computed every ``fd_every`` steps; it needs no downloaded network (the
+weights come with the ``stlpips-pytorch`` wheel). It is a relative figure for
+comparing checkpoints of this project, not an FID.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deeprecon.runtime.errors import UsageError
+
+from ..augment import AdaController, AugmentPipe
+from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from ..data import BatchSampler, build_slices
+from ..distributed import (all_reduce_grads, all_reduce_sum, barrier, broadcast_module,
+                           decorrelate_rng, gather_rng_states, restore_rng_states)
+from ..losses import d_logistic, frechet_distance, g_nonsaturating, path_length, r1_penalty
+from ..networks import Discriminator, Generator
+from ..run import RunContext
+from .common import fd_features_alex, save_grid, seed_all
+
+log = logging.getLogger("deeprecon.trainer.gan")
+
+NEEDS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """steps: G/D steps; batch: images per step over all ranks. Learning rates and Adam
+    betas as StyleGAN2 (0.0025, (0, 0.99)); r1_gamma as StyleGAN2-ADA's heuristic
+    0.0002 * R^2 / batch; ema_kimg: half-life of the EMA of G in thousands of images;
+    ada_*: ADA's target for E[sign(D(real))], update interval (steps) and speed;
+    mixed_precision: bfloat16 autocast for the forward passes on CUDA (ignored on CPU)."""
+
+    steps: int = 20000
+    batch: int = 32
+    lr_g: float = 0.0025
+    lr_d: float = 0.0025
+    betas: tuple[float, float] = (0.0, 0.99)
+    r1_gamma: float = 0.1
+    r1_interval: int = 16
+    pl_weight: float = 0.0
+    pl_interval: int = 4
+    ema_kimg: float = 10.0
+    ema_rampup: float = 0.05
+    augment: bool = True
+    ada_target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 100.0
+    mixed_precision: bool = True
+    sample_every: int = 500
+    fd_every: int = 2000
+    fd_samples: int = 1000
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Config":
+        if preset == "tiny":
+            return cls(steps=4, batch=4, r1_interval=2, pl_weight=2.0, pl_interval=2,
+                       ema_kimg=0.01, ada_interval=1, ada_kimg=0.1, sample_every=2,
+                       fd_every=4, fd_samples=16, checkpoint_every=2, log_every=1)
+        return cls()
+
+
+def _autocast(ctx: RunContext, cfg: Config):
+    if cfg.mixed_precision and ctx.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _ema_update(G_ema: Generator, G: Generator, beta: float) -> None:
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.copy_(p.lerp(p_ema, beta))
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
+
+
+@torch.no_grad()
+def frechet_distance_of(G: Generator, reals: torch.Tensor, feature_fn, *, n: int, seed: int,
+                        batch: int, device: torch.device) -> float:
+    """Frechet distance between ``n`` real slices (the first n of a fixed permutation)
+    and ``n`` samples of G, in the features of ``feature_fn``."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(reals), generator=gen)[:n]
+    z = torch.randn(len(idx), G.z_dim, generator=gen)
+    fr, ff = [], []
+    for i in range(0, len(idx), batch):
+        fr.append(feature_fn(reals[idx[i:i + batch]].to(device)).double().cpu())
+        ff.append(feature_fn(G.sample(z[i:i + batch].to(device))).double().cpu())
+    return frechet_distance(torch.cat(fr).numpy(), torch.cat(ff).numpy())
+
+
+def run(ctx: RunContext, cfg: Config) -> dict:
+    dist, device = ctx.dist, ctx.device
+    if cfg.batch % dist.world_size:
+        raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
+    per_rank = cfg.batch // dist.world_size
+    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
+                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    reals = data.images  # [N, 1, R, R]
+    log.info("gan: %d training slices from %s", len(reals), ctx.data_dir)
+
+    seed_all(cfg.seed)
+    G = Generator(ctx.model.generator).to(device)
+    D = Discriminator(ctx.model.discriminator).to(device)
+    G_ema = Generator(ctx.model.generator).to(device).eval().requires_grad_(False)
+    G_ema.load_state_dict(G.state_dict())
+    # Lazy regularisation: R1 / path length run every k steps, so Adam's lr and betas
+    # are adjusted by k / (k + 1) (StyleGAN2).
+    ratio_d = cfg.r1_interval / (cfg.r1_interval + 1)
+    ratio_g = cfg.pl_interval / (cfg.pl_interval + 1) if cfg.pl_weight > 0 else 1.0
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g * ratio_g,
+                             betas=tuple(b ** ratio_g for b in cfg.betas), eps=1e-8)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d * ratio_d,
+                             betas=tuple(b ** ratio_d for b in cfg.betas), eps=1e-8)
+    augment = AugmentPipe().to(device)
+    ada = AdaController(target=cfg.ada_target, interval=cfg.ada_interval,
+                        speed_kimg=cfg.ada_kimg, batch_size=cfg.batch)
+    sampler = BatchSampler(len(reals), per_rank, seed=cfg.seed, rank=dist.rank,
+                           world_size=dist.world_size)
+    pl_mean = torch.zeros((), device=device)
+    step, nimg = 0, 0
+
+    broadcast_module(G, dist)
+    broadcast_module(D, dist)
+    broadcast_module(G_ema, dist)
+
+    fixed_z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    fd_net = fd_features_alex(device) if ctx.is_main else None
+    decorrelate_rng(cfg.seed, dist)
+    # Resume last: building anything above draws from the RNG that the checkpoint restores.
+    if ctx.resume:
+        step, t, extra = load_checkpoint(latest_checkpoint(ctx.run_dir),
+                                         modules={"G": G, "D": D, "G_ema": G_ema, "augment": augment},
+                                         optimizers={"G": opt_g, "D": opt_d})
+        restore_rng_states(t, dist)
+        ada.load_state_dict({k[len("ada."):]: v for k, v in t.items() if k.startswith("ada.")})
+        pl_mean = t["pl_mean"].to(device)
+        sampler.load_state_dict(extra["sampler"])
+        nimg = int(extra["nimg"])
+        log.info("gan: resumed at step %d", step)
+    if ctx.is_main and not ctx.resume:
+        (ctx.run_dir / "samples").mkdir(exist_ok=True)
+        save_grid(ctx.run_dir / "samples" / "reals.png", reals[:16])
+
+    def checkpoint() -> None:
+        rngs = gather_rng_states(dist)
+        if ctx.is_main:
+            save_checkpoint(ctx.run_dir, step, modules={"G": G, "D": D, "G_ema": G_ema, "augment": augment},
+                            optimizers={"G": opt_g, "D": opt_d},
+                            extra_tensors={"pl_mean": pl_mean, **rngs,
+                                           **{f"ada.{k}": v for k, v in ada.state_dict().items()}},
+                            extra={"nimg": nimg, "sampler": sampler.state_dict()})
+            save_model(ctx.run_dir / MODEL_FILE, {"G": G_ema}, config=ctx.model.to_dict())
+        barrier(dist)
+
+    t0, last_fd = time.perf_counter(), None
+    while step < cfg.steps:
+        # ---- G: non-saturating loss
+        G.requires_grad_(True)
+        D.requires_grad_(False)
+        z = torch.randn(per_rank, G.z_dim, device=device)
+        with _autocast(ctx, cfg):
+            ws = G.mapping(z, update_w_avg=True)  # [b, L, C]
+            fake = G.synthesis(ws)  # [b, 1, R, R]
+            loss_g = g_nonsaturating(D(augment(fake)).float())
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        pl_pen = None
+        if cfg.pl_weight > 0 and step % cfg.pl_interval == 0:
+            ws_pl = G.mapping(torch.randn(max(per_rank // 2, 1), G.z_dim, device=device)).detach()
+            ws_pl.requires_grad_(True)
+            pl_pen, pl_mean = path_length(
+                G.synthesis(ws_pl), ws_pl, pl_mean,
+                reduce_mean=lambda m: all_reduce_sum(m.clone(), dist) / dist.world_size)
+            (pl_pen * cfg.pl_weight * cfg.pl_interval).backward()
+        all_reduce_grads(G.parameters(), dist)
+        opt_g.step()
+
+        # ---- D: logistic loss, lazy R1
+        G.requires_grad_(False)
+        D.requires_grad_(True)
+        do_r1 = step % cfg.r1_interval == 0
+        real = reals[sampler.next_batch()].to(device)
+        with torch.no_grad(), _autocast(ctx, cfg):
+            fake = G(G.mapping(torch.randn(per_rank, G.z_dim, device=device)))
+        real_in = real.detach().requires_grad_(do_r1)
+        with _autocast(ctx, cfg):
+            real_logits = D(augment(real_in)).float()
+            fake_logits = D(augment(fake.float())).float()
+        loss_d = d_logistic(real_logits, fake_logits)
+        r1 = None
+        if do_r1:
+            r1 = r1_penalty(real_in, real_logits)
+            loss_d = loss_d + r1 * (cfg.r1_gamma / 2) * cfg.r1_interval
+        ada.accumulate(real_logits.detach())
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        all_reduce_grads(D.parameters(), dist)
+        opt_d.step()
+
+        # ---- EMA of G and the augmentation probability
+        nimg += cfg.batch
+        ema_nimg = min(cfg.ema_kimg * 1000, nimg * cfg.ema_rampup) if cfg.ema_rampup else cfg.ema_kimg * 1000
+        _ema_update(G_ema, G, 0.5 ** (cfg.batch / max(ema_nimg, 1e-8)))
+        if cfg.augment:
+            ada.set_stats(all_reduce_sum(ada.stats_tensor(), dist))
+            ada.step(augment)
+        step += 1
+
+        if ctx.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            dt = time.perf_counter() - t0
+            ctx.log(step, loss_g=loss_g.item(), loss_d=loss_d.item(),
+                    r1=None if r1 is None else r1.item(),
+                    pl=None if pl_pen is None else pl_pen.item(),
+                    ada_p=float(augment.p), ada_rt=ada.last_rt, nimg=nimg,
+                    images_per_s=cfg.batch * cfg.log_every / dt if step % cfg.log_every == 0 else None)
+            t0 = time.perf_counter()
+        if ctx.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            with torch.no_grad():
+                save_grid(ctx.run_dir / "samples" / f"fakes-{step:08d}.png",
+                          G_ema.sample(fixed_z.to(device)))
+        if ctx.is_main and (step % cfg.fd_every == 0 or step == cfg.steps):
+            last_fd = frechet_distance_of(G_ema, reals, fd_net, n=min(cfg.fd_samples, len(reals)),
+                                          seed=cfg.seed + 2, batch=64, device=device)
+            ctx.log(step, fd_alex=last_fd)
+            log.info("gan: step %d, Frechet distance (ST-AlexNet relu5) %.3f", step, last_fd)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+        ctx.tick(step, cfg.steps)
+
+    return {"steps": step, "nimg": nimg, "ada_p": float(augment.p), "fd_alex": last_fd,
+            "n_slices": len(reals)}

@@ -1,0 +1,189 @@
+"""Stage ``latents``: the latent bank, by hybrid inversion of every training slice.
+
+For each slice x (with its heart ROI), w+ starts at E(x) and takes ``steps`` Adam
+steps on the paper's loss::
+
+    lambda1 * (LPIPS(x, G(w)) + ROI-L2(x, G(w))) - lambda2 * NCC_local(x, G(w))
+        + lambda3 * mean((w - E(G(w)))^2)
+
+The ROI-L2 and local-NCC terms (and their gradient) come from the fused op
+``deeprecon.cpp_ext.ncc_roi_loss`` (window ``ncc_window``). Each image's loss is
+independent of the others in its batch (summed, so Adam's per-element steps are the
+same as for one image at a time).
+
+Writes into the run folder:
+- ``slices.safetensors``: the training slices (images, labels, ROI, ids), the
+  ``seg`` and ``wseg`` stages' data;
+- ``latents.safetensors``: ``w`` [N, L, C] float32, ``psnr_init``/``ssim_init`` (of
+  G(E(x))) and ``psnr``/``ssim`` (of G(w*)) [N], with the slices' fingerprint.
+
+Resumable by chunks: a checkpoint after every ``checkpoint_every`` chunks holds the
+codes done so far.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from deeprecon.cpp_ext import ncc_roi_loss
+
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..data import SliceSet, build_slices
+from ..distributed import all_gather_cat, barrier
+from ..losses import psnr, ssim
+from ..lpips import load_lpips
+from ..networks import Encoder, Generator
+from ..run import RunContext, load_networks, upstream
+from .common import seed_all
+
+log = logging.getLogger("deeprecon.trainer.latents")
+
+NEEDS = ("gan", "encoder")
+SLICES_FILE = "slices.safetensors"
+BANK_FILE = "latents.safetensors"
+
+
+@dataclass(frozen=True)
+class Config:
+    steps: int = 100
+    batch: int = 32
+    lr: float = 0.01
+    lambda1: float = 1.0
+    lambda2: float = 0.5
+    lambda3: float = 0.1
+    ncc_window: int = 9
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Config":
+        if preset == "tiny":
+            return cls(steps=3, batch=4, checkpoint_every=1)
+        return cls()
+
+
+def invert(G: Generator, E: Encoder, lpips, x: torch.Tensor, roi: torch.Tensor, cfg: Config
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hybrid inversion of images x [B, 1, R, R] in [-1, 1] with ROI weights roi
+    [B, 1, R, R]. Returns (w* [B, L, C], w_init = E(x) [B, L, C], G(w*) [B, 1, R, R])."""
+    with torch.no_grad():
+        w_init = E(x)
+    w = w_init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    for _ in range(cfg.steps):
+        y = G(w)
+        roi_ncc, _ = ncc_roi_loss(x, y, roi, window=cfg.ncc_window, lambda_roi=cfg.lambda1,
+                                  lambda_ncc=cfg.lambda2)  # [B]
+        loss = (cfg.lambda1 * lpips(x, y) + roi_ncc
+                + cfg.lambda3 * (w - E(y)).square().mean(dim=(1, 2)))
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        return w.detach(), w_init, G(w)
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def run(ctx: RunContext, cfg: Config) -> dict:
+    dist, device = ctx.dist, ctx.device
+    upstream(ctx.inputs["gan"], "gan", ctx.model)
+    upstream(ctx.inputs["encoder"], "encoder", ctx.model)
+    G = load_networks(ctx.inputs["gan"], {"G": lambda: Generator(ctx.model.generator)},
+                      device=device)["G"]
+    E = load_networks(ctx.inputs["encoder"], {"E": lambda: Encoder(ctx.model.encoder)},
+                      device=device)["E"]
+    lpips = load_lpips(device=device)
+    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
+                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    n = len(data)
+    L, C = G.num_ws, G.w_dim
+    seed_all(cfg.seed)
+
+    # Chunks of `batch` slices; round r gives chunk r * world + rank to each rank. The
+    # last round is padded by repeating the last slice (trimmed afterwards).
+    n_chunks = math.ceil(n / cfg.batch)
+    n_rounds = math.ceil(n_chunks / dist.world_size)
+    bank = {"w": torch.zeros(n, L, C), "psnr": torch.zeros(n), "ssim": torch.zeros(n),
+            "psnr_init": torch.zeros(n), "ssim_init": torch.zeros(n)}
+    first_round = 0
+    if ctx.resume:
+        first_round, t, _ = load_checkpoint(latest_checkpoint(ctx.run_dir), modules={})
+        bank = {k: t[f"bank.{k}"] for k in bank}
+        log.info("latents: resumed after %d of %d rounds", first_round, n_rounds)
+    if ctx.is_main and not ctx.resume:
+        data.save(ctx.run_dir / SLICES_FILE)
+
+    for r in range(first_round, n_rounds):
+        chunk = r * dist.world_size + dist.rank
+        idx = torch.arange(chunk * cfg.batch, (chunk + 1) * cfg.batch).clamp_max(n - 1)
+        x = data.images[idx].to(device)
+        roi = data.roi[idx].to(device)
+        w, w_init, y = invert(G, E, lpips, x, roi, cfg)
+        with torch.no_grad():
+            y_init = G(w_init)
+            part = torch.cat([w.flatten(1), psnr(x, y)[:, None], ssim(x, y)[:, None],
+                              psnr(x, y_init)[:, None], ssim(x, y_init)[:, None]], dim=1)
+        gathered = all_gather_cat(part.contiguous(), dist).cpu()  # [world * batch, L*C + 4]
+        gidx = torch.cat([torch.arange((r * dist.world_size + k) * cfg.batch,
+                                       (r * dist.world_size + k + 1) * cfg.batch)
+                          for k in range(dist.world_size)])
+        keep = gidx < n
+        gidx, gathered = gidx[keep], gathered[keep]
+        bank["w"][gidx] = gathered[:, :L * C].reshape(-1, L, C)
+        for j, key in enumerate(("psnr", "ssim", "psnr_init", "ssim_init")):
+            bank[key][gidx] = gathered[:, L * C + j]
+        done = r + 1
+        if ctx.is_main and (done % cfg.checkpoint_every == 0 or done == n_rounds):
+            save_checkpoint(ctx.run_dir, done, modules={},
+                            extra_tensors={f"bank.{k}": v for k, v in bank.items()})
+            ctx.log(done, slices_done=min(done * dist.world_size * cfg.batch, n),
+                    psnr=float(bank["psnr"][:min(done * dist.world_size * cfg.batch, n)].mean()))
+        ctx.tick(done, n_rounds)
+
+    summary = {"n_slices": n, "steps": cfg.steps,
+               "psnr_init_mean": float(bank["psnr_init"].mean()),
+               "psnr_mean": float(bank["psnr"].mean()),
+               "ssim_init_mean": float(bank["ssim_init"].mean()),
+               "ssim_mean": float(bank["ssim"].mean())}
+    if ctx.is_main:
+        _save_atomic(bank, ctx.run_dir / BANK_FILE,
+                     {"format": "deeprecon-latent-bank", "slices": data.fingerprint,
+                      "steps": str(cfg.steps)})
+        log.info("latents: %d slices, PSNR %.2f dB (encoder alone %.2f dB), SSIM %.3f (%.3f)",
+                 n, summary["psnr_mean"], summary["psnr_init_mean"], summary["ssim_mean"],
+                 summary["ssim_init_mean"])
+    barrier(dist)
+    return summary
+
+
+def load_bank(run_dir: Path) -> tuple[SliceSet, dict[str, torch.Tensor]]:
+    """The slices and the latent bank of a finished latents run, checked to belong
+    together."""
+    from safetensors import safe_open
+
+    from ..checkpoint import CheckpointError
+
+    run_dir = Path(run_dir)
+    bank_path = run_dir / BANK_FILE
+    if not bank_path.is_file():
+        raise CheckpointError(f"{run_dir} has no {BANK_FILE}: the latents run has not finished")
+    slices = SliceSet.load(run_dir / SLICES_FILE)
+    with safe_open(str(bank_path), framework="pt") as f:
+        meta = f.metadata() or {}
+        bank = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("slices") != slices.fingerprint:
+        raise CheckpointError(f"{bank_path} was not computed from {run_dir / SLICES_FILE}")
+    return slices, bank

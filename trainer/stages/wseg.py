@@ -1,0 +1,42 @@
+"""Stage ``wseg``: W+SegNet, the paper's network from w+ to the mask, trained on the
+latent bank's codes w* (``--latents RUN``) and the real slices' labels with CE + Dice
+(the loop of :func:`.seg.train_supervised`, without image augmentation: a code has no
+orientation to flip)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..networks import WSegNet
+from ..run import RunContext, upstream
+from .common import seed_all
+from .latents import load_bank
+from .seg import train_supervised
+
+NEEDS = ("latents",)
+
+
+@dataclass(frozen=True)
+class Config:
+    steps: int = 20000
+    batch: int = 16
+    lr: float = 1e-3
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "Config":
+        if preset == "tiny":
+            return cls(steps=4, batch=4, checkpoint_every=2, log_every=1)
+        return cls()
+
+
+def run(ctx: RunContext, cfg: Config) -> dict:
+    upstream(ctx.inputs["latents"], "latents", ctx.model)
+    slices, bank = load_bank(ctx.inputs["latents"])
+    if slices.labels is None:
+        raise ValueError("the latent bank's slices have no labels")
+    seed_all(cfg.seed)
+    net = WSegNet(ctx.model.wseg).to(ctx.device)
+    return train_supervised(ctx, cfg, net, "WSeg", bank["w"], slices.labels,
+                            spatial_inputs=False)
