@@ -136,6 +136,9 @@ def test_resume_continues_exactly(runs, phantoms, tmp_path, stage):
         _train(stage, out, data, inputs=inputs)
         _rewind(out, 7)
         _train(stage, out, data, inputs=inputs, resume=True)
+        # the resumed run inverted only the last chunk: one more log line, for chunk 8
+        done = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+        assert done == list(range(1, 9)) + [8]
     else:
         _train(stage, out, data, inputs=inputs, steps=2)
         _train(stage, out, data, inputs=inputs, steps=4, resume=True)

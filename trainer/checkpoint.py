@@ -59,6 +59,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, *,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """One safetensors file, written to a temporary name beside ``path`` and renamed:
+    a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: _contiguous_cpu(v) for k, v in tensors.items()}, tmp,
+                  metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
@@ -233,13 +251,9 @@ def save_model(path: str | Path, modules: Mapping[str, torch.nn.Module], *,
             if t.is_floating_point() and key.rsplit(".", 1)[-1] not in EXACT_BUFFERS:
                 t = t.to(dtype)
             tensors[f"{mname}.{key}"] = t
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "deeprecon-model",
-                                      "config": json.dumps(dict(config), sort_keys=True),
-                                      "modules": ",".join(sorted(modules))})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata={
+        "format": "deeprecon-model", "config": json.dumps(dict(config), sort_keys=True),
+        "modules": ",".join(sorted(modules))})
 
 
 def load_model(path: str | Path, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
@@ -283,6 +297,6 @@ def check_new_run_dir(run_dir: Path, *, resume: bool) -> None:
                          hint="pass --resume to continue it, or choose another --out")
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+__all__ = ["CheckpointError", "save_safetensors_atomic", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "read_state", "save_model", "load_model", "write_json_atomic",
            "check_new_run_dir", "MODEL_FILE", "FORMAT_VERSION"]

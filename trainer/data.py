@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -183,19 +182,9 @@ class SliceSet:
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file (tensors + JSON metadata, no pickle), atomically."""
-        from safetensors.torch import save_file
+        from .checkpoint import save_safetensors_atomic
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors().items()},
-                      str(tmp), metadata=self._metadata())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return save_safetensors_atomic(self.tensors(), path, metadata=self._metadata())
 
     @classmethod
     def load(cls, path: str | Path) -> "SliceSet":

@@ -18,9 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from deeprecon.runtime.errors import UsageError

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from deeprecon.cpp_ext import ncc_roi_loss
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
+                          save_safetensors_atomic)
 from ..data import SliceSet, build_slices
 from ..distributed import all_gather_cat, barrier
 from ..losses import psnr, ssim
@@ -88,13 +85,6 @@ def invert(G: Generator, E: Encoder, lpips, x: torch.Tensor, roi: torch.Tensor, 
         opt.step()
     with torch.no_grad():
         return w.detach(), w_init, G(w)
-
-
-def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 def run(ctx: RunContext, cfg: Config) -> dict:
@@ -159,9 +149,9 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                "ssim_init_mean": float(bank["ssim_init"].mean()),
                "ssim_mean": float(bank["ssim"].mean())}
     if ctx.is_main:
-        _save_atomic(bank, ctx.run_dir / BANK_FILE,
-                     {"format": "deeprecon-latent-bank", "slices": data.fingerprint,
-                      "steps": str(cfg.steps)})
+        save_safetensors_atomic(bank, ctx.run_dir / BANK_FILE,
+                                metadata={"format": "deeprecon-latent-bank",
+                                          "slices": data.fingerprint, "steps": str(cfg.steps)})
         log.info("latents: %d slices, PSNR %.2f dB (encoder alone %.2f dB), SSIM %.3f (%.3f)",
                  n, summary["psnr_mean"], summary["psnr_init_mean"], summary["ssim_mean"],
                  summary["ssim_init_mean"])
