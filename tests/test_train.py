@@ -279,3 +279,23 @@ def test_acdc_tiny_gan_and_direct_seg_with_validation(acdc_root, tmp_path):
     assert s["val_slices"] > 10
     info = json.loads((tmp_path / "seg" / "run.json").read_text())
     assert info["data_options"] == {"split": "train", "max_patients": 2}
+
+
+def test_lpips_weights_option(phantoms, tmp_path, capsys):
+    """--lpips-weights: a copy of the wheel's file works; a changed byte is refused (69)."""
+    from deeprecon.trainer.lpips import installed_weights_path
+
+    good = tmp_path / "alex.pth"
+    shutil.copyfile(installed_weights_path(), good)
+    args = ["train", "gan", "--data", str(phantoms), "--config", "tiny", "--steps", "1"]
+    assert cli_run([*args, "--out", str(tmp_path / "a"), "--lpips-weights", str(good)]) == ExitCode.OK
+    bad = tmp_path / "bad.pth"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))
+    capsys.readouterr()
+    code = cli_run([*args, "--out", str(tmp_path / "b"), "--lpips-weights", str(bad)])
+    assert code == ExitCode.UNAVAILABLE
+    assert "bad.pth" in capsys.readouterr().err
+    # the run stopped before its first checkpoint: the same --out can be used again
+    assert cli_run([*args, "--out", str(tmp_path / "b"), "--lpips-weights", str(good)]) == ExitCode.OK

@@ -285,14 +285,25 @@ def load_model(path: str | Path, modules: Mapping[str, torch.nn.Module]) -> dict
     return json.loads(meta.get("config", "{}"))
 
 
+# What a run folder holds before its first checkpoint (such a folder may be reused).
+STARTED_ONLY = {"run.json", "log.jsonl", "cache", "samples", "checkpoints"}
+
+
 def check_new_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """A fresh run needs an empty or new folder; --resume needs a checkpoint."""
+    """A fresh run needs an empty or new folder, or one whose run stopped before its first
+    checkpoint (e.g. a missing weight file); --resume needs a checkpoint."""
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise UsageError(f"--resume: {run_dir} has no checkpoint",
                              hint="start a new run without --resume")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
+        leftovers = {p.name for p in run_dir.iterdir()}
+        if leftovers <= STARTED_ONLY and latest_checkpoint(run_dir) is None:
+            # a run that stopped before its first checkpoint: nothing to lose, start over
+            for name in ("log.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            return
         raise UsageError(f"run folder {run_dir} already exists and is not empty",
                          hint="pass --resume to continue it, or choose another --out")
 

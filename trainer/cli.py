@@ -41,9 +41,11 @@ app = typer.Typer(help="Train the networks: gan, encoder, latents, seg, seg-dire
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-def _require_training_deps() -> None:
+def _require_training_deps(lpips_weights: Optional[Path]) -> None:
     missing = [name for mod, name in (("torch", "torch"), ("stlpips_pytorch", "stlpips-pytorch"))
                if importlib.util.find_spec(mod) is None]
+    if lpips_weights is not None and "stlpips-pytorch" in missing:
+        missing.remove("stlpips-pytorch")  # the weight file was given
     if missing:
         raise UnavailableError(f"training needs {' and '.join(missing)}, which "
                                f"{'is' if len(missing) == 1 else 'are'} not installed",
@@ -99,10 +101,10 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
           device: str = "cpu", steps: Optional[int] = None, batch: Optional[int] = None,
           sets: Optional[dict[str, str]] = None, inputs: Optional[dict[str, Path]] = None,
           split: str = "train", max_patients: Optional[int] = None,
-          progress=None) -> dict:
+          lpips_weights: Optional[Path] = None, progress=None) -> dict:
     """Run one training stage (the Python API behind the command). Returns the stage's
     summary (also written to OUT/summary.json)."""
-    _require_training_deps()
+    _require_training_deps(lpips_weights)
     from .checkpoint import check_new_run_dir, write_json_atomic
     from .config import get_preset
     from .distributed import barrier, init_distributed, shutdown
@@ -148,7 +150,8 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
         ctx = RunContext(run_dir=out, stage=stage, model=model,
                          data_dir=data.resolve() if data is not None else None, dist=dist,
                          inputs={k: v.resolve() for k, v in inputs.items()}, resume=resume,
-                         data_options=data_options if reads_data else {}, progress=progress)
+                         data_options=data_options if reads_data else {}, progress=progress,
+                         lpips_weights=lpips_weights)
         ctx.start(cfg)
         t0 = time.perf_counter()
         try:
@@ -179,13 +182,15 @@ def _command(stage: str):
         split: str = typer.Option("train", "--split", help="ACDC patients: train, val or all (the split in the package)."),
         max_patients: Optional[int] = typer.Option(None, "--max-patients", help="Use only the first N patients of the split."),
         set_: List[str] = typer.Option([], "--set", help="Override a stage setting, KEY=VALUE (repeatable)."),
+        lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="alex_shift_tolerant.pth to use instead of the installed stlpips-pytorch wheel's (SHA-256 checked)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ):
         with _Progress(stage) as progress:
             summary = train(stage, data=data, preset=config, out=out, resume=resume,
                             device=device, steps=steps, batch=batch, sets=_parse_sets(set_),
                             inputs={"gan": gan, "encoder": encoder, "latents": latents},
-                            split=split, max_patients=max_patients, progress=progress)
+                            split=split, max_patients=max_patients,
+                            lpips_weights=lpips_weights, progress=progress)
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
         else:

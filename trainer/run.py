@@ -54,6 +54,9 @@ class RunContext:
     resume:   continue from the run's latest checkpoint.
     data_options: selection of the data (split, max_patients, ...), recorded in run.json.
     progress: callable(step, total) for the CLI's progress bar (rank 0), or None.
+    lpips_weights: the shift-tolerant AlexNet LPIPS weight file, or None for the one in the
+              installed stlpips-pytorch wheel (a machine without the wheel can carry the
+              10 MB file alone; its SHA-256 is checked either way).
     """
 
     run_dir: Path
@@ -65,6 +68,7 @@ class RunContext:
     resume: bool = False
     data_options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[int, int], None] | None = None
+    lpips_weights: Path | None = None
     _log_file: Any = None
 
     @property
@@ -115,6 +119,12 @@ class RunContext:
         self._log_file.write(json.dumps(line) + "\n")
         self._log_file.flush()
         log.debug("step %d %s", step, clean)
+
+    def lpips(self):
+        """The frozen LPIPS network on this run's device."""
+        from .lpips import load_lpips
+
+        return load_lpips(device=self.device, weights_path=self.lpips_weights)
 
     def tick(self, step: int, total: int) -> None:
         if self.progress is not None and self.is_main:

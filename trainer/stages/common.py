@@ -35,12 +35,9 @@ def save_grid(path: Path, images: torch.Tensor, *, ncol: int | None = None) -> N
     plt.imsave(path, grid, cmap="gray", vmin=-1, vmax=1)
 
 
-def fd_features_alex(device: torch.device):
-    """Feature function [B, 1, H, W] -> [B, 256]: the shift-tolerant LPIPS AlexNet's
-    relu5 map, global-average pooled (the GAN stage's Frechet distance)."""
-    from ..lpips import load_lpips
-
-    net = load_lpips(device=device)
+def fd_features_alex(net):
+    """Feature function [B, 1, H, W] -> [B, 256]: the relu5 map of the shift-tolerant
+    LPIPS AlexNet ``net``, global-average pooled (the GAN stage's Frechet distance)."""
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:

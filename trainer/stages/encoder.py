@@ -18,7 +18,6 @@ from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_ch
 from ..data import BatchSampler, build_slices
 from ..distributed import all_reduce_grads, barrier, broadcast_module
 from ..losses import psnr
-from ..lpips import load_lpips
 from ..networks import Encoder, Generator
 from ..run import RunContext, load_networks, upstream
 from .common import seed_all
@@ -57,7 +56,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
                         cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
     reals = data.images
-    lpips = load_lpips(device=device)
+    lpips = ctx.lpips()
 
     seed_all(cfg.seed)
     E = Encoder(ctx.model.encoder).to(device)

@@ -143,7 +143,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     broadcast_module(G_ema, dist)
 
     fixed_z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fd_net = fd_features_alex(device) if ctx.is_main else None
+    fd_net = fd_features_alex(ctx.lpips()) if ctx.is_main else None
     decorrelate_rng(cfg.seed, dist)
     # Resume last: building anything above draws from the RNG that the checkpoint restores.
     if ctx.resume:

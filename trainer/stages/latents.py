@@ -35,7 +35,6 @@ from ..checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
 from ..data import SliceSet, build_slices
 from ..distributed import all_gather_cat, barrier
 from ..losses import psnr, ssim
-from ..lpips import load_lpips
 from ..networks import Encoder, Generator
 from ..run import RunContext, load_networks, upstream
 from .common import seed_all
@@ -95,7 +94,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                       device=device)["G"]
     E = load_networks(ctx.inputs["encoder"], {"E": lambda: Encoder(ctx.model.encoder)},
                       device=device)["E"]
-    lpips = load_lpips(device=device)
+    lpips = ctx.lpips()
     data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
                         cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
     n = len(data)
