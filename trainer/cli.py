@@ -130,6 +130,7 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
         if not inputs[need].is_dir():
             raise UsageError(f"{INPUT_OPTIONS[need]} {inputs[need]}: no such run folder")
     inputs = {k: v for k, v in inputs.items() if k in needs}
+    data = Path(data) if data is not None else None
     reads_data = stage not in ("seg", "wseg")
     if reads_data and data is None:
         raise UsageError(f"train {stage} needs --data DIR (an ACDC folder or phantom folders)")
