@@ -283,3 +283,18 @@ def test_export(preset, which, tmp_path):
         with pytest.raises(ExportVerificationError, match="disagrees"):
             verify_onnx(path, bad, (x,), rtol=1e-4)
     path.unlink()  # the 128 px graphs are up to 0.5 GB
+
+
+def test_training_only_parts_export_too():
+    """D (static batch: its minibatch-std groups depend on it) and G's mapping network
+    pass torch.export as well, so every network of the trainer is exportable."""
+    D = Discriminator(TINY.discriminator).eval()
+    x = _rand(4, 1, TINY.resolution, TINY.resolution, seed=5)
+    program = export_program(D, (x,), dynamic_batch=False)
+    with torch.no_grad():
+        assert _rel_err(program.module()(x), D(x)) < 1e-5
+    G = Generator(TINY.generator).eval()
+    z = _rand(3, TINY.generator.z_dim, seed=6)
+    program = export_program(G.mapping, (z,))
+    with torch.no_grad():
+        assert _rel_err(program.module()(z), G.mapping(z)) < 1e-5
