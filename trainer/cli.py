@@ -33,7 +33,15 @@ from deeprecon.runtime.errors import UnavailableError, UsageError
 
 log = logging.getLogger("deeprecon.trainer")
 
-STAGE_NAMES = ("gan", "encoder", "latents", "seg", "seg-direct", "wseg")
+STAGE_HELP = {
+    "gan": "1. StyleGAN2 G and D with adaptive augmentation (needs --data).",
+    "encoder": "2. The encoder E: image -> w+, G frozen (needs --data, --gan).",
+    "latents": "3. The latent bank: hybrid inversion of every slice (needs --data, --gan, --encoder).",
+    "seg": "4. The U-Net on G(w*) of the bank with the real labels (needs --latents).",
+    "seg-direct": "The same U-Net on real images, the DirectSeg baseline (needs --data).",
+    "wseg": "W+SegNet: w* of the bank -> mask (needs --latents).",
+}
+STAGE_NAMES = tuple(STAGE_HELP)
 INPUT_OPTIONS = {"gan": "--gan", "encoder": "--encoder", "latents": "--latents"}
 
 app = typer.Typer(help="Train the networks: gan, encoder, latents, seg, seg-direct, wseg "
@@ -197,7 +205,7 @@ def _command(stage: str):
         else:
             log.info("train %s finished in %.1f s: %s", stage, summary["seconds"], out)
 
-    command.__doc__ = f"Train stage {stage!r} (see `deeprecon-rt train --help` for the order)."
+    command.__doc__ = STAGE_HELP[stage]
     return command
 
 
