@@ -61,8 +61,11 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     names = zipfile.ZipFile(wheels[0]).namelist()
     for f in ("deeprecon/runtime/study.py", "deeprecon/runtime/cli.py",
               "deeprecon/cpp_ext/__init__.py", "deeprecon/trainer/__init__.py",
-              "deeprecon/export/__init__.py"):
+              "deeprecon/export/__init__.py", "deeprecon/trainer/stages/gan.py",
+              "deeprecon/trainer/splits/acdc.json"):
         assert f in names, f
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "deeprecon.trainer.cli:app" in zipfile.ZipFile(wheels[0]).read(entry_points).decode()
     assert not any(n.startswith(("tests/", "benchmarks/", "deeprecon/tests")) for n in names)
     assert not any(n.endswith("setup.py") for n in names)
     # the compiled kernel travels in the wheel (torch is installed here)
@@ -72,6 +75,8 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p = _py(f"import sys; sys.path.insert(0, {str(target)!r})\n"
             "import deeprecon.runtime.study as s, deeprecon.cpp_ext as c\n"
+            "from deeprecon.trainer.split import load_split\n"
+            "assert len(load_split('acdc')['train']) == 60\n"
             "print(s.__file__)", cwd="/")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith(str(target))
