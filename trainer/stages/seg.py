@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from deeprecon.runtime.errors import UsageError
+from deeprecon.runtime.errors import InvalidStudyError, UsageError
 
 from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from ..config import N_CLASSES
@@ -149,7 +149,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         lat_run = read_run(ctx.inputs["latents"])
         slices, bank = load_bank(ctx.inputs["latents"])
         if slices.labels is None:
-            raise ValueError("the latent bank's slices have no labels")
+            raise InvalidStudyError("the latent bank's slices have no labels",
+                                hint="run the latents stage on labelled data")
         G = load_networks(Path(lat_run["inputs"]["gan"]), {"G": lambda: Generator(ctx.model.generator)},
                           device=ctx.device)["G"]
         with torch.no_grad():

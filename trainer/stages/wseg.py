@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deeprecon.runtime.errors import InvalidStudyError
+
 from ..networks import WSegNet
 from ..run import RunContext, upstream
 from .common import seed_all
@@ -35,7 +37,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     upstream(ctx.inputs["latents"], "latents", ctx.model)
     slices, bank = load_bank(ctx.inputs["latents"])
     if slices.labels is None:
-        raise ValueError("the latent bank's slices have no labels")
+        raise InvalidStudyError("the latent bank's slices have no labels",
+                                hint="run the latents stage on labelled data")
     seed_all(cfg.seed)
     net = WSegNet(ctx.model.wseg).to(ctx.device)
     return train_supervised(ctx, cfg, net, "WSeg", bank["w"], slices.labels,
