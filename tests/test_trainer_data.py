@@ -253,6 +253,14 @@ def test_cache_hit_skips_loading(phantom_dir, tmp_path, monkeypatch):
     assert second.patient == first.patient and second.group == first.group
     assert second.fingerprint == first.fingerprint
 
+    # a later stage's run reads the upstream run's cache and keeps a copy in its own
+    own = tmp_path / "own_cache"
+    with monkeypatch.context() as m:
+        m.setattr(data_mod, "load_study", no_loading)
+        third = build_slices(phantom_dir, TINY, cache_dir=own, read_caches=[cache])
+    assert third.fingerprint == first.fingerprint
+    assert [f.name for f in own.glob("slices-*.safetensors")] == [files[0].name]
+
     # another preprocessing, or a touched input file, is another key
     layout, refs = data_mod.find_studies(phantom_dir.resolve())
     sel = {"split": "train"}

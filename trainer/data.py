@@ -442,6 +442,7 @@ def cache_key(data_dir: Path, refs: list[_StudyRef], preprocess: PreprocessConfi
 def build_slices(data_dir: str | Path, preprocess: PreprocessConfig, *, split: str = "train",
                  patients: Sequence[str] | None = None, max_patients: int | None = None,
                  require_labels: bool = False, cache_dir: str | Path | None = None,
+                 read_caches: Sequence[str | Path] = (),
                  progress: Progress | None = None) -> SliceSet:
     """Every phase of every slice of the selected studies, on the model grid.
 
@@ -453,6 +454,8 @@ def build_slices(data_dir: str | Path, preprocess: PreprocessConfig, *, split: s
     max_patients:   keep only the first n selected studies (sorted by name).
     require_labels: refuse (InvalidStudyError) a study without labels.
     cache_dir:      folder for the cached result (see the module docstring), or None.
+    read_caches:    more folders to look in for the same cached result (read only; e.g.
+                    the caches of the upstream runs, which prepared the same data).
     progress:       ``progress(done, total, name)``, called after each study.
     Returns a SliceSet of N = sum over studies of P * S slices, ordered by study (sorted),
     then phase, then slice. ``labels`` is None when any study lacks them (a warning).
@@ -487,19 +490,24 @@ def build_slices(data_dir: str | Path, preprocess: PreprocessConfig, *, split: s
                  "patients": None if patients is None else sorted(set(patients)),
                  "max_patients": max_patients, "require_labels": bool(require_labels)}
     cache_path = None
-    if cache_dir is not None:
-        key = cache_key(data_dir, refs, preprocess, selection)
-        cache_path = Path(cache_dir) / f"slices-{key}.safetensors"
-        if cache_path.is_file():
+    folders = ([Path(cache_dir)] if cache_dir is not None else []) + [Path(d) for d in read_caches]
+    if folders:
+        name = f"slices-{cache_key(data_dir, refs, preprocess, selection)}.safetensors"
+        cache_path = folders[0] / name if cache_dir is not None else None
+        for candidate in (f / name for f in folders):
+            if not candidate.is_file():
+                continue
             try:
-                cached = SliceSet.load(cache_path)
+                cached = SliceSet.load(candidate)
             except DeepreconError as e:
-                log.warning("ignoring the unreadable slice cache %s (%s)", cache_path, e)
-            else:
-                log.info("%d slices of %d studies loaded from the cache %s", len(cached),
-                         len(refs), cache_path)
-                cached.source = str(data_dir)
-                return cached
+                log.warning("ignoring the unreadable slice cache %s (%s)", candidate, e)
+                continue
+            log.info("%d slices of %d studies loaded from the cache %s", len(cached),
+                     len(refs), candidate)
+            cached.source = str(data_dir)
+            if cache_path is not None and candidate != cache_path:
+                cached.save(cache_path)
+            return cached
 
     group_of = {}
     if layout.startswith("acdc"):

@@ -120,6 +120,17 @@ class RunContext:
         self._log_file.flush()
         log.debug("step %d %s", step, clean)
 
+    def slices(self, **overrides):
+        """The run's training slices (:func:`.data.build_slices` with the run's data
+        options and ``overrides``), cached in the run folder; the upstream runs' caches
+        are looked in first, so a chain of stages prepares the same data once."""
+        from .data import build_slices
+
+        return build_slices(self.data_dir, self.model.preprocess,
+                            **{**self.data_options, **overrides},
+                            cache_dir=self.run_dir / "cache" if self.is_main else None,
+                            read_caches=[Path(d) / "cache" for d in self.inputs.values()])
+
     def lpips(self):
         """The frozen LPIPS network on this run's device."""
         from .lpips import load_lpips

@@ -15,7 +15,7 @@ import torch
 from deeprecon.runtime.errors import UsageError
 
 from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..data import BatchSampler, build_slices
+from ..data import BatchSampler
 from ..distributed import all_reduce_grads, barrier, broadcast_module
 from ..losses import psnr
 from ..networks import Encoder, Generator
@@ -53,8 +53,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     upstream(ctx.inputs["gan"], "gan", ctx.model)
     G = load_networks(ctx.inputs["gan"], {"G": lambda: Generator(ctx.model.generator)},
                       device=device)["G"]
-    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
-                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    data = ctx.slices()
     reals = data.images
     lpips = ctx.lpips()
 

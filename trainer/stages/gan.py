@@ -25,7 +25,7 @@ from deeprecon.runtime.errors import UsageError
 
 from ..augment import AdaController, AugmentPipe
 from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..data import BatchSampler, build_slices
+from ..data import BatchSampler
 from ..distributed import (all_reduce_grads, all_reduce_sum, barrier, broadcast_module,
                            decorrelate_rng, gather_rng_states, restore_rng_states)
 from ..losses import d_logistic, frechet_distance, g_nonsaturating, path_length, r1_penalty
@@ -112,8 +112,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     if cfg.batch % dist.world_size:
         raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
     per_rank = cfg.batch // dist.world_size
-    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
-                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    data = ctx.slices()
     reals = data.images  # [N, 1, R, R]
     log.info("gan: %d training slices from %s", len(reals), ctx.data_dir)
 

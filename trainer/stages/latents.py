@@ -32,7 +32,7 @@ from deeprecon.cpp_ext import ncc_roi_loss
 
 from ..checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
                           save_safetensors_atomic)
-from ..data import SliceSet, build_slices
+from ..data import SliceSet
 from ..distributed import all_gather_cat, barrier
 from ..losses import psnr, ssim
 from ..networks import Encoder, Generator
@@ -95,8 +95,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     E = load_networks(ctx.inputs["encoder"], {"E": lambda: Encoder(ctx.model.encoder)},
                       device=device)["E"]
     lpips = ctx.lpips()
-    data = build_slices(ctx.data_dir, ctx.model.preprocess, **ctx.data_options,
-                        cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+    data = ctx.slices()
     n = len(data)
     L, C = G.num_ws, G.w_dim
     seed_all(cfg.seed)

@@ -139,8 +139,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     seed_all(cfg.seed)
     net = UNet(ctx.model.unet).to(ctx.device)
     if ctx.stage == "seg-direct":
-        data = build_slices(ctx.data_dir, ctx.model.preprocess, **{**ctx.data_options, "require_labels": True},
-                            cache_dir=ctx.run_dir / "cache" if ctx.is_main else None)
+        data = ctx.slices(require_labels=True)
         images, labels, data_dir = data.images, data.labels, ctx.data_dir
     else:
         from .latents import load_bank
