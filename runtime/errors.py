@@ -9,6 +9,8 @@ Exit codes (sysexits.h names), used across the whole CLI:
     69 UNAVAILABLE  backend, device, extension or model bundle unavailable
     70 SOFTWARE     internal error (a bug: please report it)
     75 TEMPFAIL     out of memory (retry with a smaller batch or on another device)
+    78 CONFIG       bad model bundle (a file changed or missing, unknown schema, a graph
+                    that does not match its manifest)
 
 Library code raises these; only the CLI turns them into exit codes.
 """
@@ -25,6 +27,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 69
     INTERNAL = 70
     OUT_OF_MEMORY = 75
+    BAD_BUNDLE = 78
 
 
 class DeepreconError(Exception):
@@ -69,3 +72,10 @@ class OutOfMemoryError(DeepreconError):
     """Ran out of host or device memory (exit 75)."""
 
     exit_code = ExitCode.OUT_OF_MEMORY
+
+
+class BundleError(DeepreconError):
+    """A model bundle is damaged or inconsistent: a file whose SHA-256 differs from the
+    manifest, a missing or unlisted file, an unknown schema, pickled code (exit 78)."""
+
+    exit_code = ExitCode.BAD_BUNDLE

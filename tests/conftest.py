@@ -20,3 +20,17 @@ def acdc_root() -> Path:
 @pytest.fixture(scope="session")
 def acdc_patient001(acdc_root) -> Path:
     return acdc_root / "patient001"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny-preset model bundle of seeded random networks and the real LPIPS
+    (tests/bundles.py: make_tiny_bundle(seed=0)), built once per session (~10 s)."""
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from bundles import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
