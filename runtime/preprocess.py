@@ -200,8 +200,13 @@ def _apply(r: np.ndarray, c: np.ndarray, x: np.ndarray) -> np.ndarray:
 
     r: [S, U, H], c: [S, V, W], x: [..., S, H, W] (float32) -> [..., S, U, V] float32.
     """
+    # NumPy's batched matmul only reaches BLAS when both operands have the same batch
+    # shape: broadcasting r and c over the leading axes first is ~100x faster on CPUs.
+    lead = x.shape[:-2]
+    r = np.broadcast_to(r, lead + r.shape[-2:])
+    ct = np.broadcast_to(np.swapaxes(c, -1, -2), lead + (c.shape[-1], c.shape[-2]))
     tmp = np.matmul(r, x)                       # [..., S, U, W]
-    return np.matmul(tmp, np.swapaxes(c, -1, -2))  # [..., S, U, V]
+    return np.matmul(tmp, ct)                   # [..., S, U, V]
 
 
 # ----------------------------------------------------------------------------- transform
