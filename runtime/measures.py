@@ -58,10 +58,13 @@ def voxel_volume_ml(geometry: Geometry, *, slice_spacing: float | None = None) -
     return float(dr) * float(dc) * float(sz) / 1000.0
 
 
-def volume_curves_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, np.ndarray]:
+def volume_curves_ml(labels: np.ndarray, voxel_volume_ml: float, *,
+                     slice_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Volume of each structure at each phase.
 
     labels: [P, S, H, W] (or [S, H, W] for one phase) uint8, project labels.
+    slice_weights: optional [S] factors on each slice's voxel count (e.g. a thickness
+                   relative to the voxel's: the end slices of an interpolated volume).
     Returns {"LVC", "LVM", "RVC"} -> [P] float64 mL.
     """
     lab = np.asarray(labels)
@@ -69,9 +72,15 @@ def volume_curves_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, np
         lab = lab[None]
     if lab.ndim != 4:
         raise ValueError(f"labels must be [P, S, H, W] or [S, H, W], got {lab.shape}")
-    axes = tuple(range(1, lab.ndim))
-    return {name: (lab == k).sum(axis=axes).astype(np.float64) * float(voxel_volume_ml)
-            for name, k in _STRUCTURES.items()}
+    if slice_weights is None:
+        weights = np.ones(lab.shape[1])
+    else:
+        weights = np.asarray(slice_weights, dtype=np.float64)
+        if weights.shape != (lab.shape[1],) or not np.all(np.isfinite(weights) & (weights >= 0)):
+            raise UsageError(f"slice_weights must be [{lab.shape[1]}] non-negative numbers, "
+                             f"got shape {weights.shape}")
+    return {name: (lab == k).sum(axis=(2, 3)).astype(np.float64) @ weights
+            * float(voxel_volume_ml) for name, k in _STRUCTURES.items()}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -79,8 +88,8 @@ def _ratio(num: float, den: float) -> float:
 
 
 def clinical_measures(labels: np.ndarray, voxel_volume_ml: float, *, ed_phase: int | None = None,
-                      es_phase: int | None = None, rr_interval_ms: float | None = None
-                      ) -> dict[str, Any]:
+                      es_phase: int | None = None, rr_interval_ms: float | None = None,
+                      slice_weights: np.ndarray | None = None) -> dict[str, Any]:
     """LV and RV volumes, stroke volumes, ejection fractions and LV mass.
 
     labels:          [P, S, H, W] (or [S, H, W]) uint8, project labels (1 LVC, 2 LVM, 3 RVC),
@@ -89,6 +98,7 @@ def clinical_measures(labels: np.ndarray, voxel_volume_ml: float, *, ed_phase: i
     ed_phase, es_phase: phase indices; None -> largest / smallest LV cavity volume
                      (ES is None for a single phase);
     rr_interval_ms:  the RR interval; adds 'LVCO (L/min)' and 'RVCO (L/min)'.
+    slice_weights:   optional [S] weights of each slice's voxels (see volume_curves_ml).
     Returns the nine ukbb_cardiac columns (float; NaN where undefined), plus
     'ed_phase', 'es_phase', 'ed_es_from' ("given" / "lv_volume" / mixed),
     'volume_curves_ml' ({"LVC", "LVM", "RVC"} -> list of P floats) and
@@ -96,7 +106,7 @@ def clinical_measures(labels: np.ndarray, voxel_volume_ml: float, *, ed_phase: i
     """
     if not (math.isfinite(voxel_volume_ml) and voxel_volume_ml > 0):
         raise UsageError(f"voxel_volume_ml must be > 0, got {voxel_volume_ml}")
-    curves = volume_curves_ml(labels, voxel_volume_ml)
+    curves = volume_curves_ml(labels, voxel_volume_ml, slice_weights=slice_weights)
     P = curves["LVC"].size
     for name, p in (("ed_phase", ed_phase), ("es_phase", es_phase)):
         if p is not None and not 0 <= int(p) < P:
