@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,9 @@ app = typer.Typer(
 study_app = typer.Typer(help="Inspect a study (DICOM folder, NIfTI file, ACDC patient folder).",
                         no_args_is_help=True)
 eval_app = typer.Typer(help="Compare results with references.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect and check a model bundle.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+app.add_typer(bundle_app, name="bundle")
 app.add_typer(eval_app, name="eval")
 
 PLUGIN_GROUP = "deeprecon_rt.commands"
@@ -167,6 +170,182 @@ def phantom(
             typer.echo(f"{k}: {v}")
 
 
+# --------------------------------------------------------------------------- reconstruct
+class _Progress:
+    """Progress of the pipeline's stages: rich bars on a terminal, a log line per stage
+    (and every 25 % of a long one) otherwise; nothing with --quiet."""
+
+    def __init__(self):
+        self.enabled = _verbosity["level"] <= logging.INFO
+        self.tty = sys.stderr.isatty()
+        self._bar = None
+        self._tasks: dict[str, int] = {}
+        self._logged: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.enabled and self.tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            self._bar = Progress(TextColumn("{task.description:<12}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), transient=True)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            if stage not in self._tasks:
+                self._tasks[stage] = self._bar.add_task(stage, total=total)
+            self._bar.update(self._tasks[stage], completed=done, total=total)
+            return
+        quarter = (4 * done) // max(total, 1)
+        if done == total or quarter > self._logged.get(stage, 0):
+            self._logged[stage] = quarter
+            log.info("%s: %d/%d", stage, done, total)
+
+
+def _open_reconstructor(bundle: Optional[Path], backend: str, device: str):
+    from deeprecon.runtime.pipeline import Reconstructor
+
+    return Reconstructor(bundle, backend=backend, device=device)
+
+
+def _print_summary(result, out: Path, as_json: bool) -> None:
+    if as_json:
+        from deeprecon.runtime.measures import MEASURE_COLUMNS
+        from deeprecon.runtime.metrics import json_safe
+        typer.echo(json.dumps(json_safe({
+            "output": str(out), "kind": result.kind,
+            "measures": {src: {k: m[k] for k in MEASURE_COLUMNS}
+                         for src, m in result.measures.items()},
+            "timings_s": result.timings, "warnings": result.warnings}), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from deeprecon.runtime.measures import MEASURE_COLUMNS
+    table = Table(title=f"{result.kind.replace('_', ' ')} -> {out}")
+    table.add_column("measure")
+    for src in result.measures:
+        table.add_column(src, justify="right")
+    for k in MEASURE_COLUMNS:
+        table.add_row(k, *(f"{result.measures[src][k]:.1f}" for src in result.measures))
+    Console(stderr=False).print(table)
+    total = sum(result.timings.values())
+    typer.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+               + f" (total {total:.2f} s)")
+
+
+_BUNDLE_HELP = "Model bundle folder (default: the reference bundle shipped with the package)."
+_DEVICE_HELP = "cpu, cuda or cuda:N (never falls back to another device)."
+
+
+@app.command("reconstruct")
+def reconstruct(
+    study: Path = typer.Argument(..., help="DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; a previous output there is replaced)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+    backend: str = typer.Option("torch", "--backend", help="Backend that runs the graphs: torch."),
+    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
+    fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
+    interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / pixel spacing)."),
+    phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices (default: ED and ES when known, else all)."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID when the DICOM folder holds several short-axis series."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
+    patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop an image's inversion after this many steps without improvement (0: never; default: the bundle's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
+):
+    """Segment a study, reconstruct its high-resolution volume and compute the clinical measures."""
+    from deeprecon.runtime.io import load_study
+    from deeprecon.runtime.outputs import check_output_dir, write_outputs
+
+    if fast and steps is not None:
+        raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
+    check_output_dir(out)
+    # the study first: a bad study fails in a second, before the bundle is opened
+    t0 = time.perf_counter()
+    loaded = load_study(study, series=series)
+    t_load = time.perf_counter() - t0
+    with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
+        result = rec.reconstruct(loaded, steps=0 if fast else steps, interp=interp,
+                                 phases=phases, progress=progress, batch=batch,
+                                 early_stop_patience=patience)
+        result.timings["load"] = t_load
+        result.options["series"] = series
+        write_outputs(result, out)
+    _print_summary(result, out, as_json)
+
+
+@app.command("adapt-motion")
+def adapt_motion_cmd(
+    source: Path = typer.Argument(..., help="Study whose heart is moved (its ED is the start)."),
+    target: Path = typer.Argument(..., help="Study whose motion is transferred."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+    backend: str = typer.Option("torch", "--backend", help="Backend that runs the graphs: torch."),
+    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
+    fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0)."),
+    interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N."),
+    source_phases: Optional[str] = typer.Option(None, "--source-phases", help="Phases of the source to reconstruct (default: ED and ES when known, else all)."),
+    target_phases: Optional[str] = typer.Option(None, "--target-phases", help="Phases of the target whose motion is used (default: ED and ES when known, else all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
+):
+    """Move the SOURCE heart with the TARGET heart's motion (latent-space motion transfer)."""
+    from deeprecon.runtime.io import load_study
+    from deeprecon.runtime.motion import adapt_motion
+    from deeprecon.runtime.outputs import check_output_dir, write_outputs
+
+    if fast and steps is not None:
+        raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
+    check_output_dir(out)
+    source, target = load_study(source), load_study(target)
+    with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
+        result = adapt_motion(rec, source, target, steps=0 if fast else steps, interp=interp,
+                              source_phases=source_phases, target_phases=target_phases,
+                              progress=progress)
+        write_outputs(result, out)
+    _print_summary(result, out, as_json)
+
+
+@bundle_app.command("info")
+def bundle_info(
+    path: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the shipped reference bundle)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """Check a model bundle (every file's SHA-256) and describe it: networks, graphs, preprocessing, inversion defaults."""
+    from deeprecon.runtime.bundle import default_bundle_path, load_bundle
+
+    b = load_bundle(default_bundle_path() if path is None else path)
+    desc = b.describe()
+    if as_json:
+        typer.echo(json.dumps(desc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Bundle {desc['name']} ({desc['path']})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for k in ("sha256", "preset", "resolution", "num_ws", "w_dim", "created"):
+        table.add_row(k, str(desc.get(k)))
+    table.add_row("preprocess", json.dumps(desc["preprocess"]))
+    table.add_row("inversion", json.dumps(desc["inversion"]))
+    for name, g in desc["graphs"].items():
+        table.add_row(f"graph {name}",
+                      f"({', '.join(g['inputs'])}) -> ({', '.join(g['outputs'])})")
+    total = sum(desc["files"].values())
+    table.add_row("files", f"{len(desc['files'])}, {total / 1e6:.1f} MB, all hashes verified")
+    console.print(table)
+
+
 # --------------------------------------------------------------------------- eval
 @eval_app.command("seg")
 def eval_seg(
@@ -206,9 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     sys.exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C (partial outputs are removed on the way)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of exiting (for tests and embedding)."""
+    import signal
+    import threading
+
     _setup_logging(logging.INFO)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # standalone mode: typer prints usage errors itself and exits with 2
         app(args=argv, prog_name="deeprecon-rt")
@@ -222,6 +422,9 @@ def run(argv: list[str] | None = None) -> int:
         _error("out of memory: the study is too large for this machine's memory; "
                "process fewer phases at a time or use a machine with more memory", exc=e)
         return ExitCode.OUT_OF_MEMORY
+    except Terminated:
+        _error("terminated (SIGTERM); no partial output was left")
+        return 128 + 15
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

@@ -14,7 +14,9 @@ CORE_MODULES = [
     "deeprecon.runtime", "deeprecon.runtime.errors", "deeprecon.runtime.study",
     "deeprecon.runtime.io", "deeprecon.runtime.preprocess", "deeprecon.runtime.localize",
     "deeprecon.runtime.phantom", "deeprecon.runtime.metrics", "deeprecon.runtime.measures",
-    "deeprecon.runtime.qc", "deeprecon.runtime.cli",
+    "deeprecon.runtime.qc", "deeprecon.runtime.cli", "deeprecon.runtime.bundle",
+    "deeprecon.runtime.result", "deeprecon.runtime.backends", "deeprecon.runtime.pipeline",
+    "deeprecon.runtime.motion", "deeprecon.runtime.outputs", "deeprecon.runtime.report",
 ]
 
 BLOCK_TORCH = """
@@ -47,6 +49,26 @@ def test_runtime_core_imports_without_torch():
     p = _py(code, cwd="/")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "ok"
+
+
+def test_reconstruct_without_torch_names_what_is_missing(tiny_bundle):
+    """The torch backend on a machine without torch: exit 69 naming the extra, and the
+    bundle (hashes, manifest) is still checked without torch."""
+    code = BLOCK_TORCH + (
+        "from deeprecon.runtime.cli import run\n"
+        f"rc = run(['bundle', 'info', {str(tiny_bundle)!r}, '--json'])\n"
+        "assert rc == 0, rc\n"
+        f"rc = run(['reconstruct', 'nowhere', '-o', 'x', '--bundle', {str(tiny_bundle)!r}])\n"
+        "assert rc == 66, rc\n"
+        "from deeprecon.runtime import Reconstructor\n"
+        "from deeprecon.runtime.errors import UnavailableError\n"
+        "try:\n"
+        f"    Reconstructor({str(tiny_bundle)!r})\n"
+        "except UnavailableError as e:\n"
+        "    print(e)\n")
+    p = _py(code, cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert "torch" in p.stdout and "deeprecon-rt[torch]" in p.stdout
 
 
 @pytest.mark.slow
