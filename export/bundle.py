@@ -465,5 +465,41 @@ def _chain_run(recorded: str, stage: str, named_by: Path, option: str) -> Path:
     return p.resolve()
 
 
+def random_networks(preset: str = "tiny", *, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Seeded, untrained ``encoder``, ``generator`` and ``segmenter`` of a preset (eval,
+    float32, CPU), with the generator's ``w_avg`` set to the mean of its mapping network
+    over seeded z (not zero, as in a trained G) and copied into the encoder, as the
+    encoder stage does. For tests and speed benchmarks, never for results."""
+    from deeprecon.trainer.config import get_preset
+    from deeprecon.trainer.networks import Encoder, Generator, UNet
+
+    model = get_preset(preset)
+    torch.manual_seed(seed)
+    G = Generator(model.generator).eval()
+    E = Encoder(model.encoder).eval()
+    S = UNet(model.unet).eval()
+    with torch.no_grad():
+        z = torch.randn(256, model.generator.z_dim, generator=torch.Generator().manual_seed(seed))
+        G.mapping.w_avg.copy_(G.mapping(z)[:, 0].mean(dim=0))
+        E.w_avg.copy_(G.mapping.w_avg)
+    return {"encoder": E, "generator": G, "segmenter": S}
+
+
+def random_bundle(out: str | Path, *, preset: str = "tiny", seed: int = 0,
+                  lpips_weights: str | Path | None = None,
+                  inversion: Mapping[str, Any] | None = None, overwrite: bool = False,
+                  command: str | None = None) -> Path:
+    """A bundle of :func:`random_networks` and the real LPIPS, named ``<preset>-random-seed<N>``:
+    the whole pipeline runs on it with the speed of a trained bundle of the same preset,
+    and meaningless segmentations. For tests and benchmarks."""
+    from deeprecon.trainer.config import get_preset
+    from deeprecon.trainer.lpips import load_lpips
+
+    return build_bundle(out, model=get_preset(preset), lpips=load_lpips(weights_path=lpips_weights),
+                        name=f"{preset}-random-seed{seed}", inversion=inversion,
+                        provenance={"runs": {}, "command": command},
+                        overwrite=overwrite, **random_networks(preset, seed=seed))
+
+
 __all__ = ["INVERSION_DEFAULTS", "VERIFY_RTOL", "VERIFY_ATOL", "build_bundle", "export_bundle",
-           "inversion_settings", "versions"]
+           "inversion_settings", "versions", "random_networks", "random_bundle"]

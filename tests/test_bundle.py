@@ -110,7 +110,7 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
     assert list(m) == ["format", "schema_version", "name", "created", "model", "preprocess",
                        "labels", "inversion", "graphs", "files", "versions", "provenance"]
     assert m["format"] == "deeprecon-bundle" and m["schema_version"] == 1
-    assert m["name"] == "tiny-seed0"
+    assert m["name"] == "tiny-random-seed0"
     created = datetime.datetime.fromisoformat(m["created"])
     assert created.utcoffset() == datetime.timedelta(0)
     tiny = get_preset("tiny")
@@ -169,7 +169,7 @@ def test_load_bundle_round_trip(tiny_bundle):
     b = load_bundle(tiny_bundle)
     raw = (tiny_bundle / MANIFEST).read_bytes()
     assert b.sha256 == hashlib.sha256(raw).hexdigest() and b.manifest == json.loads(raw)
-    assert (b.name, b.preset, b.resolution, b.num_ws, b.w_dim) == ("tiny-seed0", "tiny", R, L, C)
+    assert (b.name, b.preset, b.resolution, b.num_ws, b.w_dim) == ("tiny-random-seed0", "tiny", R, L, C)
     assert b.preprocess == get_preset("tiny").preprocess
     assert b.labels == {0: "background", 1: "LV cavity", 2: "LV myocardium", 3: "RV cavity"}
     assert b.inversion == INVERSION_DEFAULTS
