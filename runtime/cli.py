@@ -278,7 +278,7 @@ def reconstruct(
                                  early_stop_patience=patience)
         result.timings["load"] = t_load
         result.options["series"] = series
-        write_outputs(result, out)
+        write_outputs(result, out, progress=progress)
     _print_summary(result, out, as_json)
 
 
@@ -310,7 +310,7 @@ def adapt_motion_cmd(
         result = adapt_motion(rec, source, target, steps=0 if fast else steps, interp=interp,
                               source_phases=source_phases, target_phases=target_phases,
                               progress=progress)
-        write_outputs(result, out)
+        write_outputs(result, out, progress=progress)
     _print_summary(result, out, as_json)
 
 
@@ -389,7 +389,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: unwind like Ctrl-C (partial outputs are removed on the way)."""
 
 
+_signal_seen: dict[str, int] = {}
+
+
 def _on_sigterm(signum, frame):
+    # remembered apart: library code on the way up may re-raise a plain KeyboardInterrupt
+    _signal_seen["signal"] = signum
     raise Terminated()
 
 
@@ -400,6 +405,7 @@ def run(argv: list[str] | None = None) -> int:
 
     _setup_logging(logging.INFO)
     main_thread = threading.current_thread() is threading.main_thread()
+    _signal_seen.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return _run(argv)
@@ -414,6 +420,8 @@ def _run(argv: list[str] | None) -> int:
         app(args=argv, prog_name="deeprecon-rt")
         return ExitCode.OK
     except SystemExit as e:
+        if _signal_seen:  # SIGTERM, which typer turned into "Aborted!"
+            return _terminated()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.USAGE)
     except DeepreconError as e:
         _error(str(e), exc=e)
@@ -422,10 +430,9 @@ def _run(argv: list[str] | None) -> int:
         _error("out of memory: the study is too large for this machine's memory; "
                "process fewer phases at a time or use a machine with more memory", exc=e)
         return ExitCode.OUT_OF_MEMORY
-    except Terminated:
-        _error("terminated (SIGTERM); no partial output was left")
-        return 128 + 15
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into Terminated
+        if _signal_seen:
+            return _terminated()
         _error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, and how to report it
@@ -437,6 +444,12 @@ def _run(argv: list[str] | None) -> int:
                "  this is a bug in deeprecon-rt; rerun with -v for the traceback and report it",
                exc=e)
         return ExitCode.INTERNAL
+
+
+def _terminated() -> int:
+    signum = _signal_seen.pop("signal")
+    _error("terminated (SIGTERM); no partial output was left")
+    return 128 + signum
 
 
 def _error(message: str, exc: BaseException | None = None) -> None:

@@ -280,6 +280,8 @@ class Reconstructor:
                             "the study's own labels outside the model grid")
         P, S, R, _ = model_images.shape
         x = model_images.reshape(P * S, 1, R, R)
+        log.info("%d phase(s) x %d slices = %d images; %d inversion steps; %d high-resolution "
+                 "slices per gap", P, S, P * S, settings.steps, interp)
 
         with stages("encode"):
             w0 = self.backend.encode(x, progress=_stage_progress(progress, "encode"))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundles import tiny_networks  # noqa: E402
+from test_packaging import BLOCK_TORCH  # noqa: E402
 
 from deeprecon.export.bundle import (INVERSION_DEFAULTS, build_bundle,  # noqa: E402
                                      export_bundle, inversion_settings)
@@ -410,16 +411,6 @@ def test_default_bundle_path():
 
 
 # ----------------------------------------------------------------------------- without torch
-
-BLOCK_TORCH = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, Block())
-"""
-
 
 def test_bundle_reads_without_torch(tiny_bundle):
     code = BLOCK_TORCH + f"""
