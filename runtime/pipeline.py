@@ -370,6 +370,7 @@ class Reconstructor:
                                voxel_volume_ml(hr_geo, slice_spacing=gap / interp),
                                ed_phase=native["ed_phase"], es_phase=native["es_phase"],
                                slice_weights=hr_slice_weights(sub.n_slices, interp))
+        hr["ed_es_from"] = native["ed_es_from"]  # the same phases, chosen on the native labels
         return {"native": native, "hr": hr}
 
 
