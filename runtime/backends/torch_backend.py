@@ -226,8 +226,10 @@ class TorchBackend(Backend):
                     done = since[idx] >= s.early_stop_patience
                     active[idx[done]] = False
                     stopped[idx[done]] = True
-            if progress is not None:
-                progress("invert", step + 1, s.steps)
+            if progress is not None:  # over all chunks of this call
+                progress("invert", chunk[0] * s.steps + step + 1, chunk[1] * s.steps)
+        if progress is not None:  # every image of the chunk may have stopped early
+            progress("invert", (chunk[0] + 1) * s.steps, chunk[1] * s.steps)
         with torch.no_grad():
             # images that ran every step: their last code has not been scored yet
             last = active.nonzero().squeeze(1)
