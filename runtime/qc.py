@@ -118,7 +118,6 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
     """
     # a bare Figure renders with Agg and leaves pyplot's global backend alone
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     images = np.asarray(images)
     if images.ndim != 4:
@@ -192,14 +191,24 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
                 ax.set_title(lax.name, fontsize=7, pad=2)
     if title:
         fig.suptitle(title, fontsize=8, y=1 - 0.12 / fig_h, va="top")
-    handles = [Patch(facecolor=c, edgecolor=c, label=LABELS[k]) for k, c in LABEL_COLOURS.items()]
-    if labels is not None:
+    return _finish(fig, path, legend=labels is not None, dpi=dpi,
+                   palette_colours=palette_colours, what="montage")
+
+
+def _finish(fig, path: str | Path, *, legend: bool, dpi: int, palette_colours: int | None,
+            what: str) -> Path:
+    """Add the label legend (when ``legend``) under the panels and save the PNG."""
+    from matplotlib.patches import Patch
+
+    if legend:
+        handles = [Patch(facecolor=c, edgecolor=c, label=LABELS[k])
+                   for k, c in LABEL_COLOURS.items()]
         fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False,
                    bbox_to_anchor=(0.5, 0.0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_png(fig, path, dpi=dpi, palette_colours=palette_colours)
-    log.debug("montage written to %s", path)
+    log.debug("%s written to %s", what, path)
     return path
 
 
@@ -329,7 +338,6 @@ def save_long_axis_cuts(path: str | Path, stacks: Sequence[CutStack], *,
     Returns the path written.
     """
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     if not stacks:
         raise ValueError("give at least one stack to cut")
@@ -455,15 +463,8 @@ def save_long_axis_cuts(path: str | Path, stacks: Sequence[CutStack], *,
            else "first slice at the top")
     note = f"through-plane grid {dz:g} mm, pixel {dr:g} x {dc:g} mm; {top}"
     fig.suptitle(f"{title}\n{note}" if title else note, fontsize=8, y=1 - 0.08 / fig_h, va="top")
-    if labelled:
-        handles = [Patch(facecolor=c, edgecolor=c, label=LABELS[k]) for k, c in LABEL_COLOURS.items()]
-        fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False,
-                   bbox_to_anchor=(0.5, 0.0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_png(fig, path, dpi=dpi, palette_colours=palette_colours)
-    log.debug("long-axis cuts written to %s", path)
-    return path
+    return _finish(fig, path, legend=labelled, dpi=dpi, palette_colours=palette_colours,
+                   what="long-axis cuts")
 
 
 # --------------------------------------------------------------------------- volume curves

@@ -97,9 +97,6 @@ class Result:
         """The source's frame numbers of the reconstructed phases."""
         return [int(self.study.phase_ids[p]) for p in self.phases]
 
-    def native_geometry(self) -> Geometry:
-        return self.study.geometry
-
     def model_geometry(self) -> Geometry:
         """Geometry of the model-grid slices (for writing model-grid arrays)."""
         return self.transform.model_geometry(self.study.geometry)
