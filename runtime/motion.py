@@ -112,7 +112,8 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
                   source=f"motion-adapted:{src.study.source}",
                   source_format="motion-adapted")
     t2 = time.perf_counter()
-    hr_images, hr_labels = rec._render_volume(codes, src.interp, progress)
+    hr_images, hr_labels = rec._render_volume(codes, src.interp, progress, images=recon,
+                                              labels=model_labels)
     timings["interpolate"] = time.perf_counter() - t2
     hr_geo = hr_geometry(transform.model_geometry(study.geometry), src.interp)
     t3 = time.perf_counter()

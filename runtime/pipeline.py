@@ -316,15 +316,16 @@ class Reconstructor:
             labels = transform.labels_to_native(probs.reshape(P, S, K, R, R))
 
         latents = inv.w.reshape((P, S) + inv.w.shape[1:])
+        recon = inv.recon.reshape(P, S, R, R)
         with stages("interpolate"):
-            hr_images, hr_labels = self._render_volume(latents, interp, progress)
+            hr_images, hr_labels = self._render_volume(
+                latents, interp, progress, images=recon, labels=model_labels)
         model_geo = transform.model_geometry(sub.geometry)
         hr_geo = hr_geometry(model_geo, interp)
 
         with stages("measures"):
             measures = self._measures(sub, labels, hr_labels, hr_geo, interp)
 
-        recon = inv.recon.reshape(P, S, R, R)
         data_range = float(np.subtract(*self.bundle.preprocess.out_range[::-1]))
         psnr_init = psnr(x, recon0 if settings.steps > 0 else inv.recon, data_range)
         inversion_report = {
@@ -346,18 +347,30 @@ class Reconstructor:
                       inversion=inversion_report, timings=stages.times, options=options,
                       bundle=self.bundle_info(), warnings=warnings)
 
-    def _render_volume(self, latents: np.ndarray, interp: int, progress: Progress
+    def _render_volume(self, latents: np.ndarray, interp: int, progress: Progress, *,
+                       images: np.ndarray, labels: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
-        """[P, S, L, C] codes -> high-resolution images and labels [P, S_hr, R, R]."""
-        P, S = latents.shape[:2]
+        """[P, S, L, C] codes -> high-resolution images and labels [P, S_hr, R, R].
+
+        ``images``/``labels`` [P, S, R, R] are G and Seg of the native slices' codes,
+        already computed: every interp-th high-resolution slice is one of them, so only
+        the codes between them are rendered and segmented here."""
+        P, R = images.shape[0], images.shape[-1]
         codes = np.stack([interpolate_codes(latents[p], interp) for p in range(P)])
         S_hr = codes.shape[1]
-        imgs, probs = self.backend.render_and_segment(
-            codes.reshape((P * S_hr,) + codes.shape[2:]),
-            progress=_stage_progress(progress, "interpolate"))
-        R = imgs.shape[-1]
-        return (imgs.reshape(P, S_hr, R, R),
-                probs.argmax(1).astype(np.uint8).reshape(P, S_hr, R, R))
+        native = np.zeros(S_hr, bool)
+        native[::interp] = True
+        hr_images = np.empty((P, S_hr, R, R), np.float32)
+        hr_labels = np.empty((P, S_hr, R, R), np.uint8)
+        hr_images[:, native], hr_labels[:, native] = images, labels
+        if not native.all():
+            between = codes[:, ~native]
+            imgs, probs = self.backend.render_and_segment(
+                between.reshape((-1,) + codes.shape[2:]),
+                progress=_stage_progress(progress, "interpolate"))
+            hr_images[:, ~native] = imgs.reshape(P, -1, R, R)
+            hr_labels[:, ~native] = probs.argmax(1).astype(np.uint8).reshape(P, -1, R, R)
+        return hr_images, hr_labels
 
     @staticmethod
     def _measures(sub: Study, labels: np.ndarray, hr_labels: np.ndarray, hr_geo: Geometry,

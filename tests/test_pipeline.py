@@ -113,6 +113,9 @@ def _check_result(res, study, interp):
     S_hr = (S - 1) * interp + 1
     assert res.hr_images.shape == res.hr_labels.shape == (P, S_hr, R, R)
     assert np.isfinite(res.hr_images).all()
+    # every interp-th high-resolution slice is a native slice's G(w*) and Seg(G(w*))
+    np.testing.assert_array_equal(res.hr_images[:, ::interp], res.model_recon)
+    np.testing.assert_array_equal(res.hr_labels[:, ::interp], res.model_labels)
     # geometry: directions from the study, slice spacing / interp, native slices in place
     g, h = study.geometry, res.hr_geometry
     np.testing.assert_allclose(h.direction, g.direction, atol=1e-9)
