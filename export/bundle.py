@@ -449,7 +449,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     G = load_networks(runs["gan"], {"G": lambda: Generator(model.generator)}, device=device)["G"]
     E = load_networks(runs["encoder"], {"E": lambda: Encoder(model.encoder)}, device=device)["E"]
     S = load_networks(seg_dir, {"Seg": lambda: UNet(model.unet)}, device=device)["Seg"]
-    lp = load_lpips(weights_path=lpips_weights)
+    lp = load_lpips(weights_path=lpips_weights, layers=model.lpips_layers)
     order = ("gan", "encoder", "latents", "seg")
     return build_bundle(out, model=model, encoder=E, generator=G, segmenter=S, lpips=lp,
                         name=name, inversion=inversion, overwrite=overwrite,
@@ -495,7 +495,9 @@ def random_bundle(out: str | Path, *, preset: str = "tiny", seed: int = 0,
     from deeprecon.trainer.config import get_preset
     from deeprecon.trainer.lpips import load_lpips
 
-    return build_bundle(out, model=get_preset(preset), lpips=load_lpips(weights_path=lpips_weights),
+    model = get_preset(preset)
+    return build_bundle(out, model=model, lpips=load_lpips(weights_path=lpips_weights,
+                                                           layers=model.lpips_layers),
                         name=f"{preset}-random-seed{seed}", inversion=inversion,
                         provenance={"runs": {}, "command": command},
                         overwrite=overwrite, **random_networks(preset, seed=seed))

@@ -7,6 +7,9 @@ preprocessing) and the shape of every network trained on it:
                 trains every stage on the CPU in seconds.
 - ``small128``: 128 x 128 at 1.5 mm, w_dim 256: a model that trains on one GPU in hours.
 - ``base128``:  128 x 128 at 1.5 mm, w_dim 512: the StyleGAN2 widths of the paper.
+- ``cpu64``:    64 x 64 at 2.5 mm, w_dim 128, narrow widths: the reference model, sized
+                for 2-core CPUs (an inversion step for 20 images costs a few GFLOP;
+                the measurements behind the choice are in docs/models.md).
 
 Channel widths follow StyleGAN2: the width at resolution r is
 ``min(channel_base // r, channel_max)``.
@@ -136,7 +139,9 @@ class WSegConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A preset: the model grid and every network's shape."""
+    """A preset: the model grid, every network's shape, and the depth of the LPIPS
+    term (``lpips_layers``: relu1 .. relu_k of the shift-tolerant AlexNet; 5 is the
+    published LPIPS) that every stage and the bundle's inversion share."""
 
     name: str
     preprocess: PreprocessConfig
@@ -145,8 +150,12 @@ class ModelConfig:
     encoder: EncoderConfig
     unet: UNetConfig
     wseg: WSegConfig
+    lpips_layers: int = 5
 
     def __post_init__(self):
+        if self.lpips_layers not in range(1, 6):
+            raise UsageError(f"preset {self.name!r}: lpips_layers must be 1 to 5, "
+                             f"got {self.lpips_layers}")
         r = self.preprocess.size
         for part in (self.generator, self.discriminator, self.encoder, self.unet, self.wseg):
             if part.resolution != r:
@@ -182,7 +191,7 @@ class ModelConfig:
 def _preset(name: str, *, size: int, spacing_mm: float, z_dim: int, w_dim: int,
             mapping_layers: int, g_base: int, g_max: int, d_base: int, d_max: int,
             e_base: int, e_max: int, unet_base: int, unet_max: int, unet_depth: int,
-            s_base: int, s_max: int) -> ModelConfig:
+            s_base: int, s_max: int, lpips_layers: int = 5) -> ModelConfig:
     g = GeneratorConfig(resolution=size, z_dim=z_dim, w_dim=w_dim,
                         mapping_layers=mapping_layers, channel_base=g_base, channel_max=g_max)
     return ModelConfig(
@@ -197,6 +206,7 @@ def _preset(name: str, *, size: int, spacing_mm: float, z_dim: int, w_dim: int,
                         depth=unet_depth),
         wseg=WSegConfig(resolution=size, num_ws=g.num_ws, w_dim=w_dim,
                         channel_base=s_base, channel_max=s_max),
+        lpips_layers=lpips_layers,
     )
 
 
@@ -212,6 +222,10 @@ PRESETS: dict[str, ModelConfig] = {
                        mapping_layers=8, g_base=16384, g_max=512, d_base=16384, d_max=512,
                        e_base=8192, e_max=256, unet_base=32, unet_max=512, unet_depth=4,
                        s_base=8192, s_max=256),
+    "cpu64": _preset("cpu64", size=64, spacing_mm=2.5, z_dim=128, w_dim=128,
+                     mapping_layers=2, g_base=1024, g_max=128, d_base=1024, d_max=128,
+                     e_base=1024, e_max=64, unet_base=32, unet_max=256, unet_depth=4,
+                     s_base=1024, s_max=64, lpips_layers=3),
 }
 
 

@@ -73,6 +73,22 @@ def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> 
     return torch.tensor(out, dtype=torch.float64)
 
 
+# ----------------------------------------------------------------------------- encoder
+
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, ws: torch.Tensor, w_avg: torch.Tensor,
+                        lpips, *, lambda_l2: float, lambda_lpips: float, lambda_reg: float
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The encoder's objective for y = G(E(x)), ws = E(x):
+    ``lambda_l2 mean((x - y)^2) + lambda_lpips mean(LPIPS(x, y)) + lambda_reg mean((ws - w_avg)^2)``
+    (the last term keeps the codes near the region of w+ that G was trained on, e4e's
+    motivation). Returns (loss, its parts, detached)."""
+    l2 = (x - y).square().mean()
+    lp = lpips(x, y).mean()
+    reg = (ws - w_avg).square().mean()
+    loss = lambda_l2 * l2 + lambda_lpips * lp + lambda_reg * reg
+    return loss, {"l2": l2.detach(), "lpips": lp.detach(), "reg": reg.detach()}
+
+
 # ----------------------------------------------------------------------------- quality
 
 def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 2.0) -> torch.Tensor:
@@ -118,4 +134,4 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 __all__ = ["g_nonsaturating", "d_logistic", "r1_penalty", "path_length", "dice_loss",
-           "seg_loss", "dice_per_class", "psnr", "ssim", "frechet_distance"]
+           "seg_loss", "dice_per_class", "reconstruction_loss", "psnr", "ssim", "frechet_distance"]

@@ -175,14 +175,21 @@ def _normalize(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 class LPIPS(nn.Module):
     """Shift-tolerant LPIPS distance (AlexNet trunk, linear calibration, v0.1 scaling).
 
+    ``layers`` (1 to 5) is how many trunk layers the distance sums over: 5 is the
+    published LPIPS; fewer layers give a cheaper perceptual term (the ``cpu64``
+    preset uses relu1 .. relu3, which costs about half of the trunk at 64 px).
+
     Built untrained; use :func:`load_lpips` to get one with the verified weights. The
     module is frozen (no parameter requires grad) and always in eval mode
     (``train()`` is a no-op), but the distance is differentiable with respect to both
     inputs.
     """
 
-    def __init__(self):
+    def __init__(self, layers: int = 5):
         super().__init__()
+        if layers not in range(1, 6):
+            raise ValueError(f"LPIPS: layers must be 1 to 5, got {layers}")
+        self.layers = layers
         self.scaling_layer = ScalingLayer()
         self.net = ShiftTolerantAlexNet()
         self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (NetLinLayer(c) for c in CHANNELS)
@@ -198,14 +205,13 @@ class LPIPS(nn.Module):
         return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
 
     def _prepare(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """[B, 1|3, H, W] in [-1, 1] -> [B, 3, H', W'] scaled, in the module's dtype."""
+        """[B, 1|3, H, W] in [-1, 1] -> [B, 1|3, H', W'] in the module's dtype, resized
+        so that the shorter side is at least MIN_SIZE (not yet scaled)."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"LPIPS: {name} must be [B, 1, H, W] or [B, 3, H, W], got {list(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"LPIPS: {name} must be a floating-point tensor, got {x.dtype}")
         x = x.to(self.net.slice1[0].weight.dtype)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # [B, 3, H, W]
         h, w = x.shape[-2:]
         if min(h, w) < MIN_SIZE:
             # Same factor on both sides so that the shorter one becomes MIN_SIZE: the
@@ -213,16 +219,62 @@ class LPIPS(nn.Module):
             s = MIN_SIZE / min(h, w)
             size = (max(MIN_SIZE, round(h * s)), max(MIN_SIZE, round(w * s)))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.scaling_layer(x)
+        return x
+
+    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
+        """The first trunk convolution of the scaled RGB input, [B, 1|3, H, W] ->
+        [B, 64, H - 6, W - 6].
+
+        A grey image repeated to RGB is not copied into 3 channels: with s_c the
+        scaling (x - shift_c) / scale_c and zero padding,
+        conv(s(x)) = conv(x, sum_c W_c / scale_c) - conv(1, sum_c W_c shift_c / scale_c) + b,
+        where the second term does not depend on x (one single-channel convolution of a
+        ones image, shared by the batch). Exact up to rounding, 3x fewer multiplies.
+        """
+        conv = self.net.slice1[0]
+        if x.shape[1] == 3:
+            return conv(self.scaling_layer(x))
+        shift, scale = self.scaling_layer.shift, self.scaling_layer.scale  # [1, 3, 1, 1]
+        w_grey = (conv.weight / scale.reshape(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        w_const = (conv.weight * (shift / scale).reshape(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        const = F.conv2d(torch.ones_like(x[:1]), w_const, padding=conv.padding)  # [1, 64, h, w]
+        return F.conv2d(x, w_grey, conv.bias, padding=conv.padding) - const
+
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """relu1 .. relu_layers of a :meth:`_prepare`d input."""
+        slices = (self.net.slice1, self.net.slice2, self.net.slice3, self.net.slice4,
+                  self.net.slice5)
+        h = self.net.slice1[2](self.net.slice1[1](self._conv1(x)))  # relu1
+        feats = [h]
+        for s in slices[1:self.layers]:
+            h = s(h)
+            feats.append(h)
+        return feats
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Trunk features relu1 .. relu5 of x.
+        """Trunk features relu1 .. relu_layers of x (all five for the full LPIPS).
 
         x: float [B, 1, H, W] (grey, repeated to RGB) or [B, 3, H, W], values in
         [-1, 1]; sides under 64 px are resized up as in :meth:`forward`.
-        Returns 5 maps [B, C_k, H_k, W_k], C = (64, 192, 384, 256, 256), unnormalised.
+        Returns maps [B, C_k, H_k, W_k], C = (64, 192, 384, 256, 256)[:layers],
+        unnormalised.
         """
-        return self.net(self._prepare(x, "x"))
+        return self._trunk(self._prepare(x, "x"))
+
+    def reference_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The unit-normalised features of a fixed image x, for :meth:`distance_to`
+        (an inversion computes them once instead of at every step)."""
+        return [_normalize(f) for f in self.features(x)]
+
+    def distance_to(self, x_features: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """``forward(x, y)`` from ``reference_features(x)``: float [B]."""
+        if len(x_features) != self.layers:
+            raise ValueError(f"LPIPS: {len(x_features)} reference feature maps for "
+                             f"{self.layers} layers")
+        dist = y.new_zeros(y.shape[0], dtype=x_features[0].dtype)
+        for fx, f, lin in zip(x_features, self.features(y), self.lins):
+            dist = dist + lin((fx - _normalize(f)).square()).mean(dim=(1, 2, 3))  # [B]
+        return dist
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distance between x and y.
@@ -232,19 +284,15 @@ class LPIPS(nn.Module):
         Both are cast to the module's dtype (float32 unless converted). Inputs with a
         side under 64 px are bilinearly resized (align_corners=False, one factor for
         both sides) so that the shorter side is 64 px: the trunk's reflect pads need it
-        (a side of 64 px leaves 8 px at relu3-relu5).
+        (a side of 64 px leaves 8 px at relu3-relu5). With ``layers`` < 5 the sum runs
+        over relu1 .. relu_layers only.
         Returns float [B], >= 0, exactly 0 where x == y.
         """
         if x.shape != y.shape:
             raise ValueError(f"LPIPS: x and y differ in shape: {list(x.shape)} vs {list(y.shape)}")
-        b = x.shape[0]
-        xy = torch.cat([self._prepare(x, "x"), self._prepare(y, "y")])  # [2B, 3, H', W']
-        dist = xy.new_zeros(b)
-        for f, lin in zip(self.net(xy), self.lins):
-            f = _normalize(f)  # [2B, C, h, w]
-            diff = (f[:b] - f[b:]).square()  # [B, C, h, w]
-            dist = dist + lin(diff).mean(dim=(1, 2, 3))  # [B]
-        return dist
+        # Two trunk passes, not one of the concatenated batch: backward then runs only
+        # through the input that needs a gradient (the inversion's y), at half the cost.
+        return self.distance_to(self.reference_features(x), y)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -311,14 +359,17 @@ def _read_verified(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tenso
     return dict(sd)
 
 
-def load_lpips(*, device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None
-               ) -> LPIPS:
+def load_lpips(*, device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None,
+               layers: int = 5) -> LPIPS:
     """A new frozen :class:`LPIPS` on ``device`` with the shift-tolerant AlexNet weights.
 
     weights_path: the weight file; default the one in the installed stlpips-pytorch
         wheel (found through ``importlib.metadata``; the package is not imported).
         Either way the file's SHA-256 must equal the wheel RECORD's hash of
         ``alex_shift_tolerant.pth`` (pinned in :data:`WEIGHTS_SHA256`).
+
+    layers: how many trunk layers the distance sums over (5, the full LPIPS; the
+        ``cpu64`` preset uses 3, see :class:`LPIPS`).
 
     The verified tensors are cached per process (per path, size and mtime); each call
     builds a new module from them.
@@ -336,7 +387,7 @@ def load_lpips(*, device: str | torch.device = "cpu", weights_path: str | os.Pat
         raise LpipsWeightsError(f"cannot read the LPIPS weight file {path}: {e.strerror or e}",
                                 hint=_INSTALL_HINT) from None
     sd = _read_verified(str(path.resolve()), st.st_size, st.st_mtime_ns)
-    model = LPIPS()
+    model = LPIPS(layers)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

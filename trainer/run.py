@@ -135,7 +135,8 @@ class RunContext:
         """The frozen LPIPS network on this run's device."""
         from .lpips import load_lpips
 
-        return load_lpips(device=self.device, weights_path=self.lpips_weights)
+        return load_lpips(device=self.device, weights_path=self.lpips_weights,
+                          layers=self.model.lpips_layers)
 
     def tick(self, step: int, total: int) -> None:
         if self.progress is not None and self.is_main:

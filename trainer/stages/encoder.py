@@ -17,7 +17,7 @@ from deeprecon.runtime.errors import UsageError
 from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from ..data import BatchSampler
 from ..distributed import all_reduce_grads, barrier, broadcast_module
-from ..losses import psnr
+from ..losses import psnr, reconstruction_loss
 from ..networks import Encoder, Generator
 from ..run import RunContext, load_networks, upstream
 from .common import seed_all
@@ -76,17 +76,16 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         x = reals[sampler.next_batch()].to(device)  # [b, 1, R, R]
         ws = E(x)  # [b, L, C]
         y = G(ws)
-        l2 = (x - y).square().mean()
-        lp = lpips(x, y).mean()
-        reg = (ws - G.w_avg).square().mean()
-        loss = cfg.lambda_l2 * l2 + cfg.lambda_lpips * lp + cfg.lambda_reg * reg
+        loss, parts = reconstruction_loss(x, y, ws, G.w_avg, lpips, lambda_l2=cfg.lambda_l2,
+                                          lambda_lpips=cfg.lambda_lpips,
+                                          lambda_reg=cfg.lambda_reg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_grads(E.parameters(), dist)
         opt.step()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            last = {"loss": loss.item(), "l2": l2.item(), "lpips": lp.item(), "reg": reg.item(),
+            last = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                     "psnr": psnr(x.detach(), y.detach()).mean().item()}
             ctx.log(step, **last)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -6,6 +6,16 @@ path-length pass, a D pass (logistic loss on augmented reals and fakes, plus R1 
 ``r1_interval`` steps, scaled by the interval as in StyleGAN2's lazy regularisation),
 then the EMA update of G and the ADA probability update.
 
+Joint encoder (``joint_encoder``, the ``cpu64`` default): E is trained in the same
+loop, and the G pass adds ``rec_weight`` times the encoder's reconstruction objective
+(:func:`..losses.reconstruction_loss`: L2 + LPIPS + w-regulariser of G(E(x)) on a real
+batch) to the adversarial loss, with gradients into both E and G. A pure StyleGAN2 on
+the ~1,200 ACDC training slices needs millions of images; this reconstruction path
+makes G represent real slices (what inversion and Seg need) within a CPU budget,
+while the adversarial term keeps G(z) and interpolated codes realistic. E's ``w_avg``
+follows G's. The run's model file then holds G_ema and E; the ``encoder`` stage
+starts from that E.
+
 Quality figure: the Frechet distance between real and generated slices in the feature
 space of the shift-tolerant LPIPS AlexNet (relu5, global-average pooled, 256
 features), computed every ``fd_every`` steps; it needs no downloaded network (the
@@ -28,8 +38,9 @@ from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_ch
 from ..data import BatchSampler
 from ..distributed import (all_reduce_grads, all_reduce_sum, barrier, broadcast_module,
                            decorrelate_rng, gather_rng_states, restore_rng_states)
-from ..losses import d_logistic, frechet_distance, g_nonsaturating, path_length, r1_penalty
-from ..networks import Discriminator, Generator
+from ..losses import (d_logistic, frechet_distance, g_nonsaturating, path_length, psnr,
+                      r1_penalty, reconstruction_loss)
+from ..networks import Discriminator, Encoder, Generator
 from ..run import RunContext
 from .common import fd_features_alex, save_grid, seed_all
 
@@ -44,7 +55,10 @@ class Config:
     betas as StyleGAN2 (0.0025, (0, 0.99)); r1_gamma as StyleGAN2-ADA's heuristic
     0.0002 * R^2 / batch; ema_kimg: half-life of the EMA of G in thousands of images;
     ada_*: ADA's target for E[sign(D(real))], update interval (steps) and speed;
-    mixed_precision: bfloat16 autocast for the forward passes on CUDA (ignored on CPU)."""
+    mixed_precision: bfloat16 autocast for the forward passes on CUDA (ignored on CPU);
+    joint_encoder: train E with G (see the module docstring), with Adam (lr_e, betas_e)
+    and the reconstruction weights rec_l2, rec_lpips, rec_reg (the encoder stage's), on
+    the first rec_batch slices of each rank's real batch (0: all of it)."""
 
     steps: int = 20000
     batch: int = 32
@@ -68,6 +82,14 @@ class Config:
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
+    joint_encoder: bool = False
+    rec_weight: float = 1.0
+    lr_e: float = 0.0005
+    betas_e: tuple[float, float] = (0.9, 0.99)
+    rec_l2: float = 1.0
+    rec_lpips: float = 0.8
+    rec_reg: float = 0.01
+    rec_batch: int = 0
 
     @classmethod
     def for_preset(cls, preset: str) -> "Config":
@@ -75,6 +97,11 @@ class Config:
             return cls(steps=4, batch=4, r1_interval=2, pl_weight=2.0, pl_interval=2,
                        ema_kimg=0.01, ada_interval=1, ada_kimg=0.1, sample_every=2,
                        fd_every=4, fd_samples=16, checkpoint_every=2, log_every=1)
+        if preset == "cpu64":
+            # r1_gamma: StyleGAN2-ADA's 0.0002 R^2 / batch for 64 px at batch 32.
+            return cls(steps=10000, batch=32, r1_gamma=0.0256, joint_encoder=True, rec_batch=16,
+                       sample_every=500, fd_every=2000, fd_samples=1000,
+                       checkpoint_every=250, log_every=25)
         return cls()
 
 
@@ -129,6 +156,13 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                              betas=tuple(b ** ratio_g for b in cfg.betas), eps=1e-8)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d * ratio_d,
                              betas=tuple(b ** ratio_d for b in cfg.betas), eps=1e-8)
+    E = opt_e = lpips = None
+    if cfg.joint_encoder:
+        E = Encoder(ctx.model.encoder).to(device)
+        opt_e = torch.optim.Adam(E.parameters(), lr=cfg.lr_e, betas=cfg.betas_e, eps=1e-8)
+        lpips = ctx.lpips()
+    modules = {"G": G, "D": D, "G_ema": G_ema, **({"E": E} if E is not None else {})}
+    optimizers = {"G": opt_g, "D": opt_d, **({"E": opt_e} if E is not None else {})}
     augment = AugmentPipe().to(device)
     ada = AdaController(target=cfg.ada_target, interval=cfg.ada_interval,
                         speed_kimg=cfg.ada_kimg, batch_size=cfg.batch)
@@ -140,6 +174,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     broadcast_module(G, dist)
     broadcast_module(D, dist)
     broadcast_module(G_ema, dist)
+    if E is not None:
+        broadcast_module(E, dist)
 
     fixed_z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
     fd_net = fd_features_alex(ctx.lpips()) if ctx.is_main else None
@@ -147,8 +183,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     # Resume last: building anything above draws from the RNG that the checkpoint restores.
     if ctx.resume:
         step, t, extra = load_checkpoint(latest_checkpoint(ctx.run_dir),
-                                         modules={"G": G, "D": D, "G_ema": G_ema, "augment": augment},
-                                         optimizers={"G": opt_g, "D": opt_d})
+                                         modules={**modules, "augment": augment},
+                                         optimizers=optimizers)
         restore_rng_states(t, dist)
         ada.load_state_dict({k[len("ada."):]: v for k, v in t.items() if k.startswith("ada.")})
         pl_mean = t["pl_mean"].to(device)
@@ -158,21 +194,25 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     if ctx.is_main and not ctx.resume:
         (ctx.run_dir / "samples").mkdir(exist_ok=True)
         save_grid(ctx.run_dir / "samples" / "reals.png", reals[:16])
+    fixed_reals = reals[torch.randperm(len(reals), generator=torch.Generator().manual_seed(cfg.seed + 3))[:16]]
 
     def checkpoint() -> None:
         rngs = gather_rng_states(dist)
         if ctx.is_main:
-            save_checkpoint(ctx.run_dir, step, modules={"G": G, "D": D, "G_ema": G_ema, "augment": augment},
-                            optimizers={"G": opt_g, "D": opt_d},
+            save_checkpoint(ctx.run_dir, step, modules={**modules, "augment": augment},
+                            optimizers=optimizers,
                             extra_tensors={"pl_mean": pl_mean, **rngs,
                                            **{f"ada.{k}": v for k, v in ada.state_dict().items()}},
                             extra={"nimg": nimg, "sampler": sampler.state_dict()})
-            save_model(ctx.run_dir / MODEL_FILE, {"G": G_ema}, config=ctx.model.to_dict())
+            save_model(ctx.run_dir / MODEL_FILE, {"G": G_ema, **({"E": E} if E is not None else {})},
+                       config=ctx.model.to_dict())
         barrier(dist)
 
-    t0, last_fd = time.perf_counter(), None
+    t0, last_fd, rec = time.perf_counter(), None, {}
     while step < cfg.steps:
-        # ---- G: non-saturating loss
+        # Joint mode reconstructs the real batch that D sees in this step.
+        real = reals[sampler.next_batch()].to(device) if E is not None else None
+        # ---- G: non-saturating loss (+ the reconstruction of real slices through E)
         G.requires_grad_(True)
         D.requires_grad_(False)
         z = torch.randn(per_rank, G.z_dim, device=device)
@@ -180,8 +220,21 @@ def run(ctx: RunContext, cfg: Config) -> dict:
             ws = G.mapping(z, update_w_avg=True)  # [b, L, C]
             fake = G.synthesis(ws)  # [b, 1, R, R]
             loss_g = g_nonsaturating(D(augment(fake)).float())
+        loss_total = loss_g
+        if E is not None:
+            with torch.no_grad():
+                E.w_avg.copy_(G.w_avg)
+            x_rec = real[:cfg.rec_batch] if cfg.rec_batch > 0 else real
+            ws_e = E(x_rec)  # [b, L, C]
+            y = G.synthesis(ws_e)
+            loss_rec, rec = reconstruction_loss(x_rec, y, ws_e, G.w_avg, lpips,
+                                                lambda_l2=cfg.rec_l2, lambda_lpips=cfg.rec_lpips,
+                                                lambda_reg=cfg.rec_reg)
+            rec["psnr"] = psnr(x_rec, y.detach()).mean()
+            loss_total = loss_g + cfg.rec_weight * loss_rec
+            opt_e.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        loss_total.backward()
         pl_pen = None
         if cfg.pl_weight > 0 and step % cfg.pl_interval == 0:
             ws_pl = G.mapping(torch.randn(max(per_rank // 2, 1), G.z_dim, device=device)).detach()
@@ -192,12 +245,16 @@ def run(ctx: RunContext, cfg: Config) -> dict:
             (pl_pen * cfg.pl_weight * cfg.pl_interval).backward()
         all_reduce_grads(G.parameters(), dist)
         opt_g.step()
+        if E is not None:
+            all_reduce_grads(E.parameters(), dist)
+            opt_e.step()
 
         # ---- D: logistic loss, lazy R1
         G.requires_grad_(False)
         D.requires_grad_(True)
         do_r1 = step % cfg.r1_interval == 0
-        real = reals[sampler.next_batch()].to(device)
+        if real is None:
+            real = reals[sampler.next_batch()].to(device)
         with torch.no_grad(), _autocast(ctx, cfg):
             fake = G(G.mapping(torch.randn(per_rank, G.z_dim, device=device)))
         real_in = real.detach().requires_grad_(do_r1)
@@ -230,12 +287,17 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                     r1=None if r1 is None else r1.item(),
                     pl=None if pl_pen is None else pl_pen.item(),
                     ada_p=float(augment.p), ada_rt=ada.last_rt, nimg=nimg,
+                    **{f"rec_{k}": v.item() for k, v in rec.items()},
                     images_per_s=cfg.batch * cfg.log_every / dt if step % cfg.log_every == 0 else None)
             t0 = time.perf_counter()
         if ctx.is_main and (step % cfg.sample_every == 0 or step == cfg.steps):
             with torch.no_grad():
                 save_grid(ctx.run_dir / "samples" / f"fakes-{step:08d}.png",
                           G_ema.sample(fixed_z.to(device)))
+                if E is not None:  # the fixed real slices, then G_ema(E(x)) below them
+                    x = fixed_reals.to(device)
+                    save_grid(ctx.run_dir / "samples" / f"recon-{step:08d}.png",
+                              torch.cat([x[:8], G_ema(E(x[:8])), x[8:], G_ema(E(x[8:]))]), ncol=8)
         if ctx.is_main and (step % cfg.fd_every == 0 or step == cfg.steps):
             last_fd = frechet_distance_of(G_ema, reals, fd_net, n=min(cfg.fd_samples, len(reals)),
                                           seed=cfg.seed + 2, batch=64, device=device)
