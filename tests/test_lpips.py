@@ -216,10 +216,59 @@ def test_shift_tolerant(net):
 
 
 def test_grey_is_rgb_repeated(net):
+    """A grey input takes the folded first convolution (no RGB copy): the same distance
+    as the grey image repeated to RGB, to rounding (exactly in float64)."""
     x = phantom(64)
     y = torch.roll(x, 3, dims=2)
     torch.testing.assert_close(net(x, y), net(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)),
-                               rtol=0, atol=0)
+                               rtol=1e-5, atol=1e-7)
+    n64 = lp.load_lpips().double()
+    x64, y64 = x.double(), y.double()
+    torch.testing.assert_close(n64.features(x64)[0], n64.features(x64.repeat(1, 3, 1, 1))[0],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 3, 5])
+def test_fewer_layers_sum_the_first_terms(state_dict, layers):
+    """LPIPS(layers=k) is the sum of the first k per-layer terms of the functional
+    reference (the per-layer terms are read off reference distances of nested cuts)."""
+    g = torch.Generator().manual_seed(3)
+    x = phantom(64).repeat(2, 1, 1, 1).double()
+    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    sd = {k: v.double() for k, v in state_dict.items()}
+    full = reference_distance(sd, x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1))
+    # the terms of layers > k, zeroed through their calibration weights
+    cut = dict(sd)
+    for k in range(layers, 5):
+        cut[f"lin{k}.model.1.weight"] = torch.zeros_like(sd[f"lin{k}.model.1.weight"])
+    want = reference_distance(cut, x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1))
+    net_k = lp.load_lpips(layers=layers).double()
+    with torch.no_grad():
+        got = net_k(x, y)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert len(net_k.features(x)) == layers
+    if layers < 5:
+        assert (got < full).all()
+    with pytest.raises(ValueError, match="layers"):
+        lp.LPIPS(layers=6)
+
+
+def test_cached_reference_features_give_the_same_distance_and_gradient(net):
+    g = torch.Generator().manual_seed(4)
+    x = phantom(64).repeat(3, 1, 1, 1)
+    y0 = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    y1 = y0.clone().requires_grad_(True)
+    y2 = y0.clone().requires_grad_(True)
+    d1 = net(x, y1)
+    d1.sum().backward()
+    with torch.no_grad():
+        fx = net.reference_features(x)
+    d2 = net.distance_to(fx, y2)
+    d2.sum().backward()
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+    torch.testing.assert_close(y1.grad, y2.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reference feature maps"):
+        net.distance_to(fx[:2], y0)
 
 
 def test_gradient_wrt_input(net):

@@ -299,3 +299,54 @@ def test_lpips_weights_option(phantoms, tmp_path, capsys):
     assert "bad.pth" in capsys.readouterr().err
     # the run stopped before its first checkpoint: the same --out can be used again
     assert cli_run([*args, "--out", str(tmp_path / "b"), "--lpips-weights", str(good)]) == ExitCode.OK
+
+
+def test_joint_encoder_gan_resumes_exactly_warm_starts_and_feeds_the_encoder(phantoms, tmp_path, capsys):
+    """gan with joint_encoder: E trains with G (its model file holds both, the log has the
+    reconstruction figures), --resume is bit-exact, the compact state continues the run in
+    a new folder (--warm-start), and the encoder stage starts from the joint E."""
+    from deeprecon.trainer.checkpoint import COMPACT_FILE, load_model, model_modules
+    from deeprecon.trainer.networks import Encoder
+
+    sets = {"joint_encoder": "true"}
+    straight = _train("gan", tmp_path / "straight", phantoms, steps=4, sets=sets)
+    assert straight["steps"] == 4
+    assert model_modules(tmp_path / "straight" / MODEL_FILE) == {"G", "E"}
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert all(k in lines[0] for k in ("rec_l2", "rec_lpips", "rec_reg", "rec_psnr"))
+    assert (tmp_path / "straight" / "samples" / "recon-00000004.png").is_file()
+
+    _train("gan", tmp_path / "resumed", phantoms, steps=2, sets=sets)
+    _train("gan", tmp_path / "resumed", phantoms, steps=4, sets=sets, resume=True)
+    a, _ = read_state(latest_checkpoint(tmp_path / "straight"))
+    b, _ = read_state(latest_checkpoint(tmp_path / "resumed"))
+    assert set(a) == set(b) and any(k.startswith("module.E.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    compact = tmp_path / "straight" / COMPACT_FILE
+    ct = load_file(str(compact))
+    assert ct["module.G.synthesis.blocks.0.const"].dtype == torch.float16
+    assert ct["module.G_ema.mapping.w_avg"].dtype == torch.float32
+    assert not any(k.startswith(("optim.", "rng.")) for k in ct)  # no moments, no RNG
+    warm = _train("gan", tmp_path / "warm", phantoms, steps=6, sets=sets, warm_start=compact)
+    assert warm["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "warm" / "log.jsonl").read_text().splitlines()]
+    assert min(steps) == 5  # continued after step 4
+    # refusals: another stage, with --resume, a missing file
+    assert cli_run(["train", "seg-direct", "--data", str(phantoms), "--config", "tiny", "--out",
+                    str(tmp_path / "x"), "--warm-start", str(compact)]) == ExitCode.USAGE
+    assert cli_run(["train", "gan", "--data", str(phantoms), "--config", "tiny", "--out",
+                    str(tmp_path / "warm"), "--resume", "--warm-start", str(compact)]) == ExitCode.USAGE
+    assert cli_run(["train", "gan", "--data", str(phantoms), "--config", "tiny", "--out",
+                    str(tmp_path / "y"), "--warm-start", str(tmp_path / "none")]) == ExitCode.NO_INPUT
+
+    # the encoder stage starts from the joint E (one step at lr 0 leaves it unchanged)
+    _train("encoder", tmp_path / "enc", phantoms, inputs={"gan": tmp_path / "straight"},
+           steps=1, sets={"lr": "0"})
+    joint, staged = Encoder(get_preset("tiny").encoder), Encoder(get_preset("tiny").encoder)
+    load_model(tmp_path / "straight" / MODEL_FILE, {"E": joint})
+    load_model(tmp_path / "enc" / MODEL_FILE, {"E": staged})
+    for (k, p), q in zip(joint.state_dict().items(), staged.state_dict().values()):
+        if k != "w_avg":
+            assert torch.equal(p, q), k

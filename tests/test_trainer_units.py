@@ -164,3 +164,94 @@ def test_model_file_is_float16_except_exact_buffers(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_model(tmp_path / "junk.safetensors", {"G": net})
+
+
+def test_compact_state_round_trip_and_refusals(tmp_path):
+    from deeprecon.trainer.checkpoint import load_compact, model_modules, save_compact
+
+    torch.manual_seed(0)
+    g = torch.nn.Linear(4, 4)
+    g.register_buffer("w_avg", torch.randn(4))
+    path = save_compact(tmp_path / "compact.safetensors", 123, stage="gan", modules={"G": g},
+                        extra_tensors={"ada.p": torch.tensor(0.25)},
+                        extra={"nimg": 3936, "sampler": {"epoch": 2, "pos": 5}})
+    other = torch.nn.Linear(4, 4)
+    other.register_buffer("w_avg", torch.zeros(4))
+    step, t, extra = load_compact(path, stage="gan", modules={"G": other})
+    assert step == 123 and extra == {"nimg": 3936, "sampler": {"epoch": 2, "pos": 5}}
+    assert float(t["ada.p"]) == 0.25
+    assert torch.equal(other.w_avg, g.w_avg)  # exact
+    assert torch.equal(other.weight, g.weight.half().float())  # float16
+    with pytest.raises(CheckpointError, match="not a compact seg state"):
+        load_compact(path, stage="seg", modules={"G": other})
+    with pytest.raises(CheckpointError, match="another shape"):
+        load_compact(path, stage="gan", modules={"G": torch.nn.Linear(4, 5)})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_compact(tmp_path / "none.safetensors", stage="gan", modules={})
+    save_model(tmp_path / "m.safetensors", {"G": g, "E": other}, config={})
+    assert model_modules(tmp_path / "m.safetensors") == {"G", "E"}
+
+
+def test_cpu64_inversion_step_fits_the_cpu_budget():
+    """The reference preset's inversion step for 20 images (G forward + backward to w,
+    E forward + backward, LPIPS of y against cached features of x) costs <= 30 GFLOP,
+    the budget that makes K = 20 a few seconds on 2 cores (FLOPs, not time: a count
+    does not depend on the machine)."""
+    pytest.importorskip("stlpips_pytorch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deeprecon.trainer.lpips import load_lpips
+    from deeprecon.trainer.networks import Encoder, Generator
+
+    m = get_preset("cpu64")
+    assert (m.resolution, m.preprocess.spacing_mm, m.lpips_layers) == (64, 2.5, 3)
+    G = Generator(m.generator).requires_grad_(False)
+    E = Encoder(m.encoder).requires_grad_(False)
+    lp = load_lpips(layers=m.lpips_layers)
+    x = torch.rand(20, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        fx = lp.reference_features(x)
+    w = torch.randn(20, m.generator.num_ws, m.generator.w_dim, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        y = G(w)
+        loss = lp.distance_to(fx, y) + (w - E(y)).square().mean(dim=(1, 2))
+        loss.sum().backward()
+    gflop = fc.get_total_flops() / 1e9
+    assert 10 < gflop <= 30, gflop
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_cosine_lr_schedule():
+    from deeprecon.trainer.stages.common import cosine_lr
+
+    assert cosine_lr(0, 100, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert cosine_lr(50, 100, 1e-3, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert cosine_lr(100, 100, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert cosine_lr(500, 100, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert cosine_lr(7, 100, 2e-3, 2e-3) == 2e-3
+    lrs = [cosine_lr(s, 100, 1e-3, 0.0) for s in range(101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_affine_intensity_moves_image_and_labels_together():
+    from deeprecon.trainer.stages.common import affine_intensity
+
+    torch.manual_seed(0)
+    labels = torch.zeros(16, 64, 64, dtype=torch.uint8)
+    labels[:, 20:40, 24:44] = 1
+    labels[:, 28:34, 30:36] = 3
+    images = torch.where(labels > 0, 0.8, -1.0)[:, None].float()  # [16, 1, 64, 64]
+    out, lab = affine_intensity(images, labels)
+    assert out.shape == images.shape and lab.shape == labels.shape and lab.dtype == torch.uint8
+    assert set(lab.unique().tolist()) <= {0, 1, 3}
+    assert out.min() >= -1 and out.max() <= 1
+    moved = (lab != labels).flatten(1).any(1)
+    assert moved.float().mean() > 0.9  # nearly every image was transformed
+    # where the image is bright the label is foreground, and vice versa (edges aside)
+    bright = out[:, 0] > out.flatten(1).median(1).values[:, None, None] + 0.2
+    agree = (bright == (lab > 0)).float().mean()
+    assert agree > 0.97, agree
+    # the same RNG state gives the same transform (exact resume)
+    torch.manual_seed(0)
+    out2, lab2 = affine_intensity(images, labels)
+    assert torch.equal(out, out2) and torch.equal(lab, lab2)

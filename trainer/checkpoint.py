@@ -236,6 +236,63 @@ def load_checkpoint(folder: str | Path, *, modules: Mapping[str, torch.nn.Module
 # ----------------------------------------------------------------------------- compact weights
 
 EXACT_BUFFERS = ("w_avg",)  # kept float32 in the compact file
+COMPACT_FILE = "compact.safetensors"
+
+
+def save_compact(path: str | Path, step: int, *, stage: str, modules: Mapping[str, torch.nn.Module],
+                 extra_tensors: Mapping[str, torch.Tensor] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """A small state to continue training elsewhere (``train STAGE --warm-start FILE``):
+    every module's tensors in float16 (``w_avg`` and integer tensors exact), the
+    stage's extra tensors exact, its JSON state and the step. No optimizer moments and
+    no RNG: a warm start continues the run, it does not reproduce it bit for bit."""
+    tensors = {}
+    for mname, module in modules.items():
+        for key, value in module.state_dict().items():
+            t = _contiguous_cpu(value)
+            if t.is_floating_point() and key.rsplit(".", 1)[-1] not in EXACT_BUFFERS:
+                t = t.to(torch.float16)
+            tensors[f"module.{mname}.{key}"] = t
+    for key, value in (extra_tensors or {}).items():
+        tensors[f"extra.{key}"] = _contiguous_cpu(value)
+    return save_safetensors_atomic(tensors, path, metadata={
+        "format": "deeprecon-compact", "stage": stage, "step": str(int(step)),
+        "modules": ",".join(sorted(modules)), "extra": json.dumps(dict(extra or {}))})
+
+
+def load_compact(path: str | Path, *, stage: str, modules: Mapping[str, torch.nn.Module]
+                 ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a :func:`save_compact` file into ``modules`` (cast to their dtype). Returns
+    (step, extra tensors, extra JSON). CheckpointError for another stage's file, a
+    missing module or a shape that does not fit."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"warm-start file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        extra = json.loads(meta.get("extra", "{}"))
+        step = int(meta["step"])
+    except (OSError, SafetensorError, ValueError, KeyError) as e:
+        raise CheckpointError(f"warm-start file {path} is unreadable: {e}") from None
+    if meta.get("format") != "deeprecon-compact" or meta.get("stage") != stage:
+        raise CheckpointError(f"{path} is not a compact {stage} state "
+                              f"(format {meta.get('format')!r}, stage {meta.get('stage')!r})")
+    for mname, module in modules.items():
+        own = module.state_dict()
+        sd = {}
+        for key, ref in own.items():
+            t = tensors.get(f"module.{mname}.{key}")
+            if t is None or t.shape != ref.shape:
+                raise CheckpointError(f"{path}: module.{mname}.{key} is missing or has another "
+                                      f"shape than the network of this preset")
+            sd[key] = t.to(ref.dtype)
+        module.load_state_dict(sd, strict=True)
+    extra_t = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return step, extra_t, extra
 
 
 def save_model(path: str | Path, modules: Mapping[str, torch.nn.Module], *,
@@ -285,6 +342,18 @@ def load_model(path: str | Path, modules: Mapping[str, torch.nn.Module]) -> dict
     return json.loads(meta.get("config", "{}"))
 
 
+def model_modules(path: str | Path) -> set[str]:
+    """The names of the networks in a :func:`save_model` file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"model file {path} is unreadable: {e}") from None
+    return set(filter(None, meta.get("modules", "").split(",")))
+
+
 # What a run folder holds before its first checkpoint (such a folder may be reused).
 STARTED_ONLY = {"run.json", "log.jsonl", "cache", "samples", "checkpoints"}
 
@@ -310,4 +379,5 @@ def check_new_run_dir(run_dir: Path, *, resume: bool) -> None:
 
 __all__ = ["CheckpointError", "save_safetensors_atomic", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "read_state", "save_model", "load_model", "write_json_atomic",
-           "check_new_run_dir", "MODEL_FILE", "FORMAT_VERSION"]
+           "check_new_run_dir", "save_compact", "load_compact", "model_modules", "MODEL_FILE", "COMPACT_FILE",
+           "FORMAT_VERSION"]

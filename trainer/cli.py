@@ -109,7 +109,8 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
           device: str = "cpu", steps: Optional[int] = None, batch: Optional[int] = None,
           sets: Optional[dict[str, str]] = None, inputs: Optional[dict[str, Path]] = None,
           split: str = "train", max_patients: Optional[int] = None,
-          lpips_weights: Optional[Path] = None, progress=None) -> dict:
+          lpips_weights: Optional[Path] = None, warm_start: Optional[Path] = None,
+          threads: Optional[int] = None, progress=None) -> dict:
     """Run one training stage (the Python API behind the command). Returns the stage's
     summary (also written to OUT/summary.json)."""
     _require_training_deps(lpips_weights)
@@ -145,6 +146,21 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
     if data is not None and not data.exists():
         from deeprecon.runtime.errors import NoInputError
         raise NoInputError(f"--data {data}: no such file or folder")
+    if warm_start is not None:
+        if stage != "gan":
+            raise UsageError("--warm-start is for the gan stage", hint="the other stages are "
+                             "short enough to retrain, or resume with --resume")
+        if resume:
+            raise UsageError("--warm-start starts a new run folder; it does not go with --resume")
+        if not Path(warm_start).is_file():
+            from deeprecon.runtime.errors import NoInputError
+            raise NoInputError(f"--warm-start {warm_start}: no such file")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     out = Path(out)
     check_new_run_dir(out, resume=resume)
 
@@ -160,7 +176,8 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
                          data_dir=data.resolve() if data is not None else None, dist=dist,
                          inputs={k: v.resolve() for k, v in inputs.items()}, resume=resume,
                          data_options=data_options if reads_data else {}, progress=progress,
-                         lpips_weights=lpips_weights)
+                         lpips_weights=lpips_weights,
+                         warm_start=Path(warm_start).resolve() if warm_start is not None else None)
         ctx.start(cfg)
         t0 = time.perf_counter()
         try:
@@ -168,7 +185,8 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
         finally:
             ctx.close()
         summary = {"stage": stage, "preset": preset, "seconds": round(time.perf_counter() - t0, 2),
-                   "world_size": dist.world_size, "device": str(dist.device), **summary}
+                   "world_size": dist.world_size, "device": str(dist.device),
+                   "data_sha256": ctx.data_sha256, **summary}
         if dist.is_main:
             write_json_atomic(out / "summary.json", summary)
         return summary
@@ -179,7 +197,7 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
 def _command(stage: str):
     def command(
         data: Optional[Path] = typer.Option(None, "--data", help="ACDC folder (root, training/ or one patient) or phantom folder(s)."),
-        config: str = typer.Option("small128", "--config", help="Preset: tiny, small128, base128."),
+        config: str = typer.Option("cpu64", "--config", help="Preset: cpu64 (the reference model, sized for CPUs), tiny, small128, base128."),
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (new, or existing with --resume)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (torchrun: each rank takes cuda:LOCAL_RANK)."),
@@ -192,6 +210,8 @@ def _command(stage: str):
         max_patients: Optional[int] = typer.Option(None, "--max-patients", help="Use only the first N patients of the split."),
         set_: List[str] = typer.Option([], "--set", help="Override a stage setting, KEY=VALUE (repeatable)."),
         lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="alex_shift_tolerant.pth to use instead of the installed stlpips-pytorch wheel's (SHA-256 checked)."),
+        warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="gan: continue from a compact state (a run's compact.safetensors, float16 weights, e.g. committed from another machine) in a new run folder."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's). On a shared 2-core machine 1 thread per training process is fastest."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ):
         with _Progress(stage) as progress:
@@ -199,7 +219,8 @@ def _command(stage: str):
                             device=device, steps=steps, batch=batch, sets=_parse_sets(set_),
                             inputs={"gan": gan, "encoder": encoder, "latents": latents},
                             split=split, max_patients=max_patients,
-                            lpips_weights=lpips_weights, progress=progress)
+                            lpips_weights=lpips_weights, warm_start=warm_start,
+                            threads=threads, progress=progress)
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
         else:

@@ -57,6 +57,11 @@ class RunContext:
     lpips_weights: the shift-tolerant AlexNet LPIPS weight file, or None for the one in the
               installed stlpips-pytorch wheel (a machine without the wheel can carry the
               10 MB file alone; its SHA-256 is checked either way).
+    data_sha256: set by :meth:`slices`: the fingerprint of the run's training slices
+              (sha256 over the preprocessed images, labels, ROI and ids), written
+              into summary.json as the identity of the data the run saw.
+    warm_start: a compact state (``compact.safetensors`` of a run, float16 weights) to
+              continue from on a fresh run folder; gan only.
     """
 
     run_dir: Path
@@ -69,6 +74,8 @@ class RunContext:
     data_options: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[int, int], None] | None = None
     lpips_weights: Path | None = None
+    warm_start: Path | None = None
+    data_sha256: str | None = None
     _log_file: Any = None
 
     @property
@@ -126,10 +133,12 @@ class RunContext:
         are looked in first, so a chain of stages prepares the same data once."""
         from .data import build_slices
 
-        return build_slices(self.data_dir, self.model.preprocess,
+        data = build_slices(self.data_dir, self.model.preprocess,
                             **{**self.data_options, **overrides},
                             cache_dir=self.run_dir / "cache" if self.is_main else None,
                             read_caches=[Path(d) / "cache" for d in self.inputs.values()])
+        self.data_sha256 = data.fingerprint
+        return data
 
     def lpips(self):
         """The frozen LPIPS network on this run's device."""

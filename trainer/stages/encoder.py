@@ -4,6 +4,10 @@ Loss per batch: ``lambda_l2 * ||x - G(E(x))||^2 + lambda_lpips * LPIPS(x, G(E(x)
 + lambda_reg * mean((E(x) - w_avg)^2)``, the last term keeping the codes near the
 region of w+ that G was trained on (e4e's motivation). E predicts offsets from G's
 average latent, which is copied into E at the start.
+
+When the gan run trained an encoder jointly (its model file holds ``E``; the
+``cpu64`` preset does), E starts from that one (``from_gan``) and this stage adapts it
+to the frozen G_ema; otherwise E starts from its random initialisation.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch
 
 from deeprecon.runtime.errors import UsageError
 
-from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from ..checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint, load_model,
+                          model_modules, save_checkpoint, save_model)
 from ..data import BatchSampler
 from ..distributed import all_reduce_grads, barrier, broadcast_module
 from ..losses import psnr, reconstruction_loss
@@ -35,6 +40,7 @@ class Config:
     lambda_l2: float = 1.0
     lambda_lpips: float = 0.8
     lambda_reg: float = 0.01
+    from_gan: bool = True
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -43,6 +49,8 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, lr=1e-3, checkpoint_every=2, log_every=1)
+        if preset == "cpu64":
+            return cls(steps=2000, batch=16, lr=1e-4, checkpoint_every=250)
         return cls()
 
 
@@ -59,6 +67,9 @@ def run(ctx: RunContext, cfg: Config) -> dict:
 
     seed_all(cfg.seed)
     E = Encoder(ctx.model.encoder).to(device)
+    if cfg.from_gan and "E" in model_modules(ctx.inputs["gan"] / MODEL_FILE):
+        load_model(ctx.inputs["gan"] / MODEL_FILE, {"E": E})
+        log.info("encoder: starting from the encoder trained with G in %s", ctx.inputs["gan"])
     with torch.no_grad():
         E.w_avg.copy_(G.w_avg)
     opt = torch.optim.Adam(E.parameters(), lr=cfg.lr)

@@ -34,7 +34,8 @@ import torch
 from deeprecon.runtime.errors import UsageError
 
 from ..augment import AdaController, AugmentPipe
-from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from ..checkpoint import (COMPACT_FILE, MODEL_FILE, latest_checkpoint, load_checkpoint,
+                          load_compact, save_checkpoint, save_compact, save_model)
 from ..data import BatchSampler
 from ..distributed import (all_reduce_grads, all_reduce_sum, barrier, broadcast_module,
                            decorrelate_rng, gather_rng_states, restore_rng_states)
@@ -191,6 +192,14 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         sampler.load_state_dict(extra["sampler"])
         nimg = int(extra["nimg"])
         log.info("gan: resumed at step %d", step)
+    elif ctx.warm_start is not None:
+        step, t, extra = load_compact(ctx.warm_start, stage="gan",
+                                      modules={**modules, "augment": augment})
+        ada.load_state_dict({k[len("ada."):]: v for k, v in t.items() if k.startswith("ada.")})
+        pl_mean = t["pl_mean"].to(device)
+        sampler.load_state_dict(extra["sampler"])
+        nimg = int(extra["nimg"])
+        log.info("gan: warm start from %s at step %d (fresh Adam moments)", ctx.warm_start, step)
     if ctx.is_main and not ctx.resume:
         (ctx.run_dir / "samples").mkdir(exist_ok=True)
         save_grid(ctx.run_dir / "samples" / "reals.png", reals[:16])
@@ -206,6 +215,11 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                             extra={"nimg": nimg, "sampler": sampler.state_dict()})
             save_model(ctx.run_dir / MODEL_FILE, {"G": G_ema, **({"E": E} if E is not None else {})},
                        config=ctx.model.to_dict())
+            save_compact(ctx.run_dir / COMPACT_FILE, step, stage="gan",
+                         modules={**modules, "augment": augment},
+                         extra_tensors={"pl_mean": pl_mean,
+                                        **{f"ada.{k}": v for k, v in ada.state_dict().items()}},
+                         extra={"nimg": nimg, "sampler": sampler.state_dict()})
         barrier(dist)
 
     t0, last_fd, rec = time.perf_counter(), None, {}

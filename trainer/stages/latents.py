@@ -62,6 +62,8 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=3, batch=4, checkpoint_every=1)
+        if preset == "cpu64":
+            return cls(steps=50, batch=32, checkpoint_every=4)
         return cls()
 
 
@@ -71,13 +73,14 @@ def invert(G: Generator, E: Encoder, lpips, x: torch.Tensor, roi: torch.Tensor, 
     [B, 1, R, R]. Returns (w* [B, L, C], w_init = E(x) [B, L, C], G(w*) [B, 1, R, R])."""
     with torch.no_grad():
         w_init = E(x)
+        x_features = lpips.reference_features(x)  # x is fixed: its LPIPS features once
     w = w_init.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
     for _ in range(cfg.steps):
         y = G(w)
         roi_ncc, _ = ncc_roi_loss(x, y, roi, window=cfg.ncc_window, lambda_roi=cfg.lambda1,
                                   lambda_ncc=cfg.lambda2)  # [B]
-        loss = (cfg.lambda1 * lpips(x, y) + roi_ncc
+        loss = (cfg.lambda1 * lpips.distance_to(x_features, y) + roi_ncc
                 + cfg.lambda3 * (w - E(y)).square().mean(dim=(1, 2)))
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()

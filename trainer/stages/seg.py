@@ -6,7 +6,11 @@
 - ``seg-direct`` (the paper's DirectSeg baseline): the same U-Net on the real images
   of ``--data``.
 
-Both use a random x-flip and rotation by multiples of 90 degrees per batch. With an
+Both use a random x-flip and rotation by multiples of 90 degrees per batch and, with
+``affine`` (the ``cpu64`` default), a random affine and intensity change per image
+(:func:`.common.affine_intensity`). ``lr_min`` < ``lr``: the learning rate follows a
+cosine from ``lr`` to ``lr_min`` over ``steps`` (a function of the step, so resuming
+needs no scheduler state). With an
 ACDC data folder, the Dice per structure on the validation split's real slices is
 logged at every checkpoint. :func:`train_supervised` is the loop, shared with ``wseg``.
 """
@@ -29,7 +33,7 @@ from ..distributed import (all_reduce_grads, barrier, broadcast_module, decorrel
 from ..losses import dice_per_class, seg_loss
 from ..networks import Generator, UNet
 from ..run import RunContext, load_networks, read_run, upstream
-from .common import batched, flip_rot, seed_all
+from .common import affine_intensity, batched, cosine_lr, flip_rot, seed_all
 
 log = logging.getLogger("deeprecon.trainer.seg")
 
@@ -42,7 +46,9 @@ class Config:
     steps: int = 20000
     batch: int = 16
     lr: float = 1e-3
+    lr_min: float = 1e-3
     augment: bool = True
+    affine: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -51,6 +57,9 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, checkpoint_every=2, log_every=1)
+        if preset == "cpu64":
+            return cls(steps=8000, batch=16, lr=2e-3, lr_min=5e-5, affine=True,
+                       checkpoint_every=500, log_every=50)
         return cls()
 
 
@@ -59,7 +68,8 @@ def train_supervised(ctx: RunContext, cfg: Config, net: torch.nn.Module, name: s
                      validate: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train ``net`` (``inputs`` [N, ...] -> logits [N, K, R, R]) on ``labels`` [N, R, R]
     with CE + Dice. ``spatial_inputs``: the inputs are images, augmented with the labels
-    (flip / rot90); w+ codes are not. Checkpoints hold the net, the optimizer, the
+    (flip / rot90, and the affine/intensity change where ``cfg.affine``); w+ codes are
+    not. The learning rate follows :func:`.common.cosine_lr`. Checkpoints hold the net, the optimizer, the
     sampler and the RNG states."""
     dist, device = ctx.dist, ctx.device
     if cfg.batch % dist.world_size:
@@ -81,7 +91,11 @@ def train_supervised(ctx: RunContext, cfg: Config, net: torch.nn.Module, name: s
         x, y = inputs[idx], labels[idx].long()
         if spatial_inputs and cfg.augment:
             x, y = flip_rot(x, y)
+        if spatial_inputs and cfg.affine:
+            x, y = affine_intensity(x, y)
         x, y = x.to(device), y.to(device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_min)
         net.train()
         logits = net(x)
         loss = seg_loss(logits, y)

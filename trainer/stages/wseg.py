@@ -22,6 +22,7 @@ class Config:
     steps: int = 20000
     batch: int = 16
     lr: float = 1e-3
+    lr_min: float = 1e-3
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -30,6 +31,8 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, checkpoint_every=2, log_every=1)
+        if preset == "cpu64":
+            return cls(steps=6000, batch=32, lr=2e-3, lr_min=5e-5, checkpoint_every=500)
         return cls()
 
 
