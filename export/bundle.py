@@ -223,7 +223,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     lpips:      (x, y) [B, 1, R, R] in [-1, 1] -> distance [B].
     name:       the bundle's name (default: the folder's name).
     inversion:  overrides of INVERSION_DEFAULTS.
-    provenance: {"runs": {stage: path}, "command": str or None} (default: none).
+    provenance: {"runs": {stage: path}, "command": str or None, and any other JSON data
+                (training records, licence, validation figures)} (default: none).
     overwrite:  replace an existing bundle at ``out`` (UsageError otherwise; a folder
                 that is not a bundle is never replaced).
 
@@ -238,9 +239,11 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
         raise UsageError(f"the bundle name must be a non-empty string, got {name!r}")
     inv = inversion_settings(inversion)
     prov = {"runs": {}, "command": None, **dict(provenance or {})}
-    if set(prov) != {"runs", "command"}:
-        raise UsageError(f"provenance takes 'runs' and 'command', got {sorted(prov)}")
-    prov = {"runs": {str(k): str(v) for k, v in dict(prov["runs"]).items()},
+    try:
+        json.dumps(prov, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"provenance must be plain JSON data (no NaN): {e}") from None
+    prov = {**prov, "runs": {str(k): str(v) for k, v in dict(prov["runs"]).items()},
             "command": None if prov["command"] is None else str(prov["command"])}
     r, num_ws, w_dim = model.resolution, model.generator.num_ws, model.generator.w_dim
     labels = {str(k): v for k, v in LABEL_NAMES_LONG.items()}
@@ -373,7 +376,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
                   gan_run: str | Path | None = None,
                   lpips_weights: str | Path | None = None, name: str | None = None,
                   inversion: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  command: str | None = None) -> Path:
+                  command: str | None = None,
+                  description: Mapping[str, Any] | None = None) -> Path:
     """Write the bundle of a finished chain of training runs and return its path.
 
     run_dir:       a finished ``seg`` run (the segmenter). Its run.json names the
@@ -385,6 +389,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
                    stlpips-pytorch wheel's; SHA-256 checked).
     name, inversion, overwrite: as for :func:`build_bundle`.
     command:       the command line, recorded in the manifest's provenance.
+    description:   more provenance, merged into the manifest's (e.g. "licence",
+                   "training_data", "validation" figures); it may not replace the keys
+                   export writes itself ("runs", "command", "training").
+
+    The provenance also records every run of the chain (:func:`_run_record`): stage,
+    settings, data, the fingerprint of its training slices, versions and final figures.
 
     Raises NoInputError for a folder that does not exist, UsageError for a folder that
     is not the right kind of finished run or a chain trained with different presets.
@@ -396,6 +406,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     out = Path(out)
     _check_out(out, overwrite)  # before any work
     inversion_settings(inversion)
+    clash = {"runs", "command", "training"} & set(description or {})
+    if clash:
+        raise UsageError(f"the description may not set {sorted(clash)}: export writes them")
     seg_dir = _run_folder(run_dir, "run folder")
     info = read_run(seg_dir)
     stage = info.get("stage")
@@ -454,7 +467,23 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     return build_bundle(out, model=model, encoder=E, generator=G, segmenter=S, lpips=lp,
                         name=name, inversion=inversion, overwrite=overwrite,
                         provenance={"runs": {k: str(runs[k]) for k in order if k in runs},
-                                    "command": command})
+                                    "command": command,
+                                    "training": {k: _run_record(runs[k]) for k in order if k in runs},
+                                    **dict(description or {})})
+
+
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    """What the manifest keeps of one training run: its stage, settings, data and data
+    fingerprint, versions, start time and final figures (summary.json)."""
+    from deeprecon.trainer.run import read_run
+
+    info = read_run(run_dir)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    return {"stage": info.get("stage"), "started": info.get("started"),
+            "config": info.get("config"), "data": info.get("data"),
+            "data_options": info.get("data_options"), "versions": info.get("versions"),
+            "world_size": info.get("world_size"), "summary": summary}
 
 
 def _chain_run(recorded: str, stage: str, named_by: Path, option: str) -> Path:

@@ -51,11 +51,12 @@ def _require_torch() -> None:
 
 def _command_line(run_dir: Path, out: Path, encoder: Optional[Path], gan: Optional[Path],
                   lpips_weights: Optional[Path], name: Optional[str], sets: list[str],
-                  overwrite: bool) -> str:
+                  overwrite: bool, describe: Optional[Path] = None) -> str:
     """The command as recorded in the manifest's provenance (paths as given)."""
     args = ["deeprecon-rt", "export", str(run_dir), "-o", str(out)]
     for opt, value in (("--encoder", encoder), ("--gan", gan),
-                       ("--lpips-weights", lpips_weights), ("--name", name)):
+                       ("--lpips-weights", lpips_weights), ("--name", name),
+                       ("--describe", describe)):
         if value is not None:
             args += [opt, str(value)]
     for item in sets:
@@ -79,11 +80,23 @@ def export(
     name: Optional[str] = typer.Option(None, "--name", help="The bundle's name (default: the folder's name)."),
     set_: List[str] = typer.Option([], "--set", help="Override an inversion default, KEY=VALUE (repeatable): steps, lr, lambda1, lambda2, lambda3, ncc_window, early_stop_patience, early_stop_rel_tol, roi_dilation_mm, batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    describe: Optional[Path] = typer.Option(None, "--describe", help="A JSON object merged into the manifest's provenance: e.g. licence, training_data, validation figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Write a model bundle: manifest.json, float32 safetensors weights and verified
     torch.export programs of the encoder, generator, segmenter and LPIPS."""
     sets = _parse_sets(set_)
+    description = None
+    if describe is not None:
+        try:
+            description = json.loads(describe.read_text())
+        except FileNotFoundError:
+            from deeprecon.runtime.errors import NoInputError
+            raise NoInputError(f"--describe {describe}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--describe {describe}: not a JSON file ({e})") from None
+        if not isinstance(description, dict):
+            raise UsageError(f"--describe {describe}: expected a JSON object")
     _require_torch()
     from deeprecon.runtime.bundle import load_bundle
 
@@ -92,9 +105,9 @@ def export(
     t0 = time.perf_counter()
     path = export_bundle(run_dir, out, encoder_run=encoder, gan_run=gan,
                          lpips_weights=lpips_weights, name=name, inversion=sets,
-                         overwrite=overwrite,
+                         overwrite=overwrite, description=description,
                          command=_command_line(run_dir, out, encoder, gan, lpips_weights, name,
-                                               set_, overwrite))
+                                               set_, overwrite, describe))
     bundle = load_bundle(path, verify=False)
     seconds = round(time.perf_counter() - t0, 2)
     if as_json:

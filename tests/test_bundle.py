@@ -399,8 +399,10 @@ def test_inversion_settings_parse_and_check():
             inversion_settings(bad)
 
 
-def test_default_bundle_path():
+def test_default_bundle_path(monkeypatch):
+    monkeypatch.delenv("DEEPRECON_BUNDLE", raising=False)   # the shipped one, not a site's
     shipped = Path(rb.__file__).parent / "models" / "reference"
+    assert rb.SHIPPED_BUNDLE == shipped.resolve()
     if (shipped / MANIFEST).is_file():
         assert default_bundle_path() == shipped.resolve()
         load_bundle(default_bundle_path())
@@ -469,8 +471,12 @@ def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_pat
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)  # an existing bundle, replaced with --overwrite
     (out / "stray.txt").write_text("old")
+    describe = tmp_path.parent / f"{tmp_path.name}-describe.json"
+    describe.write_text(json.dumps({"licence": "CC BY-NC-SA 4.0 (the training data's)",
+                                    "validation": {"dice_lvc": 0.5}}))
     assert cli_run(["export", str(chain["seg"]), "-o", str(out), "--overwrite", "--json",
-                    "--name", "tiny-chain", "--set", "steps=7", "--set", "lr=0.05"]) == 0
+                    "--name", "tiny-chain", "--set", "steps=7", "--set", "lr=0.05",
+                    "--describe", str(describe)]) == 0
     info = json.loads(capsys.readouterr().out)
     b = load_bundle(out)
     assert info["sha256"] == b.sha256 and info["bundle"] == str(out)
@@ -478,10 +484,30 @@ def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "temporary folders left"
     assert b.name == "tiny-chain" and b.preset == "tiny"
     assert b.inversion == {**INVERSION_DEFAULTS, "steps": 7, "lr": 0.05}
-    assert b.manifest["provenance"] == {
-        "runs": {k: str(chain[k].resolve()) for k in ("gan", "encoder", "latents", "seg")},
-        "command": f"deeprecon-rt export {chain['seg']} -o {out} --name tiny-chain "
-                   f"--set steps=7 --set lr=0.05 --overwrite"}
+    prov = b.manifest["provenance"]
+    stages = ("gan", "encoder", "latents", "seg")
+    assert prov["runs"] == {k: str(chain[k].resolve()) for k in stages}
+    assert prov["command"] == (f"deeprecon-rt export {chain['seg']} -o {out} --name tiny-chain "
+                               f"--describe {describe} --set steps=7 --set lr=0.05 --overwrite")
+    assert prov["licence"] == "CC BY-NC-SA 4.0 (the training data's)"
+    assert prov["validation"] == {"dice_lvc": 0.5}
+    # every run of the chain: its settings, data and the fingerprint of its slices
+    assert set(prov["training"]) == set(stages)
+    for k in stages:
+        rec = prov["training"][k]
+        summary = json.loads((chain[k] / "summary.json").read_text())
+        assert rec["stage"] == k and rec["summary"] == summary
+        assert rec["config"] == json.loads((chain[k] / "run.json").read_text())["config"]
+    assert len(prov["training"]["gan"]["summary"]["data_sha256"]) == 64
+    assert prov["training"]["gan"]["summary"]["data_sha256"] == \
+        prov["training"]["latents"]["summary"]["data_sha256"]
+    describe.write_text(json.dumps({"runs": {}}))
+    assert cli_run(["export", str(chain["seg"]), "-o", str(tmp_path / "b2"),
+                    "--describe", str(describe)]) == ExitCode.USAGE
+    describe.write_text("[1, 2]")
+    assert cli_run(["export", str(chain["seg"]), "-o", str(tmp_path / "b2"),
+                    "--describe", str(describe)]) == ExitCode.USAGE
+    describe.unlink()
     # the networks are the runs': G is the gan run's (EMA) generator, E and Seg likewise
     for graph, run, prefix in (("generator", "gan", "G."), ("encoder", "encoder", "E."),
                                ("segmenter", "seg", "Seg.")):
