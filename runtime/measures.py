@@ -16,12 +16,18 @@
 
 Keys are ukbb_cardiac's CSV column names: 'LVEDV (mL)', 'LVESV (mL)', 'LVSV (mL)',
 'LVEF (%)', 'LVM (g)', 'RVEDV (mL)', 'RVESV (mL)', 'RVSV (mL)', 'RVEF (%)'.
+
+:func:`plausibility_flags` is the one place that says when a measures dict looks wrong
+(a failed segmentation rather than a patient): values outside :data:`PLAUSIBLE_RANGES`,
+an ES volume not below the ED volume, an RV of zero volume, a structure missing on a
+mid-ventricular slice, a non-finite value. The ranges are deliberately wide (they flag
+numbers no adult heart has, not abnormal hearts).
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +40,17 @@ MYOCARDIAL_DENSITY_G_PER_ML = 1.05
 MEASURE_COLUMNS = ("LVEDV (mL)", "LVESV (mL)", "LVSV (mL)", "LVEF (%)", "LVM (g)",
                    "RVEDV (mL)", "RVESV (mL)", "RVSV (mL)", "RVEF (%)")
 _STRUCTURES = {"LVC": 1, "LVM": 2, "RVC": 3}
+_STRUCTURE_NAMES = {"LVC": "LV cavity", "LVM": "LV myocardium", "RVC": "RV cavity"}
+
+#: measure -> (low, high): values outside are flagged by :func:`plausibility_flags`
+PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
+    "LVEF (%)": (5.0, 90.0), "RVEF (%)": (5.0, 90.0),
+    "LVEDV (mL)": (20.0, 600.0), "RVEDV (mL)": (20.0, 600.0),
+    "LVM (g)": (20.0, 400.0),
+}
+#: the codes of :func:`plausibility_flags`
+FLAG_CODES = ("out_of_range", "esv_not_below_edv", "zero_rv_volume", "missing_on_mid_slice",
+              "non_finite")
 
 
 def voxel_volume_ml(geometry: Geometry, *, slice_spacing: float | None = None) -> float:
@@ -176,3 +193,130 @@ def study_measures(study: Study, *, labels: np.ndarray | None = None,
         if np.all(steps > 0) and np.allclose(steps, steps[0], rtol=0.05):
             rr = float(steps[0] * t.size)
     return clinical_measures(lab, vv, ed_phase=ed, es_phase=es, rr_interval_ms=rr)
+
+
+def mid_ventricular_slices(n_slices: int) -> range:
+    """The middle third of a stack of ``n_slices`` slices (at least one slice):
+    indices ``n // 3 .. n - n // 3 - 1`` (9 slices -> 3, 4, 5; 10 -> 3..6; 2 -> 0, 1)."""
+    k = n_slices // 3
+    return range(k, n_slices - k)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _unit(measure: str) -> str:
+    return measure[measure.rfind("(") + 1:-1] if measure.endswith(")") else ""
+
+
+def _short(measure: str) -> str:
+    return measure.split(" (")[0]
+
+
+def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None = None,
+                       source: str = "native", frame_ids: Sequence[int] | None = None
+                       ) -> list[dict[str, Any]]:
+    """Flags of implausible values in one measures dict (as :func:`clinical_measures`
+    returns), e.g. the "native" or the "hr" entry of ``Result.measures``.
+
+    measures:  the measures dict (its 'volume_curves_ml', 'ed_phase' and 'es_phase' are
+               used when present);
+    labels:    optional [P, S, H, W] (or [S, H, W]) labels the measures came from: each
+               structure (LVC, LVM, RVC) must be present on every slice of the middle
+               third of the stack (:func:`mid_ventricular_slices`) at every phase;
+    source:    the name of the measures ("native", "hr"), copied into each flag and its
+               message;
+    frame_ids: the frame numbers of the P phases, for the messages.
+
+    Checks: :data:`PLAUSIBLE_RANGES` ("out_of_range"), ESV >= EDV for LV and RV
+    ("esv_not_below_edv"), an RV cavity of zero volume at a phase ("zero_rv_volume"), a
+    structure absent on a mid-ventricular slice at a phase ("missing_on_mid_slice"), a
+    NaN or infinite measure ("non_finite"; the ES-derived ones are expected to be NaN
+    when there is no ES phase and are then not flagged).
+
+    Returns a list of dicts with the same keys: "code" (one of :data:`FLAG_CODES`),
+    "source", "measure" (a column name such as 'LVEF (%)', or a structure 'LVC', 'LVM',
+    'RVC'), "value" (float, or the number of slices for a missing structure; None when
+    not finite), "range" ([low, high] or None), "phase" (index into the P phases, or
+    None), "frame" (its frame number, or None), "slices" (the slice indices of a missing
+    structure, else None) and "message" (one line for a person). Empty when all is
+    plausible. JSON-safe: no NaN anywhere.
+    """
+    flags: list[dict[str, Any]] = []
+    ed, es = measures.get("ed_phase"), measures.get("es_phase")
+    ids = list(frame_ids) if frame_ids is not None else None
+
+    def frame(p: int | None) -> int | None:
+        return int(ids[p]) if p is not None and ids is not None and 0 <= p < len(ids) else None
+
+    def at(p: int) -> str:
+        name = "ED" if p == ed else "ES" if p == es else None
+        f = frame(p)
+        where = f"frame {f}" if f is not None else f"phase {p}"
+        return f"{name} ({where})" if name else where
+
+    def add(code: str, measure: str, value: Any, rng: tuple[float, float] | None,
+            message: str, *, phase: int | None = None, slices: list[int] | None = None) -> None:
+        v = float(value) if _finite(value) else None
+        flags.append({"code": code, "source": source, "measure": measure, "value": v,
+                      "range": None if rng is None else [float(rng[0]), float(rng[1])],
+                      "phase": None if phase is None else int(phase), "frame": frame(phase),
+                      "slices": slices, "message": f"{source}: {message}"})
+
+    es_measures = {"LVESV (mL)", "LVSV (mL)", "LVEF (%)", "RVESV (mL)", "RVSV (mL)",
+                   "RVEF (%)", "LVCO (L/min)", "RVCO (L/min)"}
+    for col in (*MEASURE_COLUMNS, "LVCO (L/min)", "RVCO (L/min)"):
+        if col not in measures:
+            continue
+        v = measures[col]
+        if not _finite(v):
+            if es is None and col in es_measures:
+                continue            # one phase: no ES measures, as documented
+            add("non_finite", col, None, PLAUSIBLE_RANGES.get(col),
+                f"{_short(col)} is not a number (an empty structure?)")
+            continue
+        if col in PLAUSIBLE_RANGES:
+            lo, hi = PLAUSIBLE_RANGES[col]
+            if not lo <= float(v) <= hi:
+                u = _unit(col)
+                add("out_of_range", col, v, (lo, hi),
+                    f"{_short(col)} {float(v):.1f} {u} is outside the plausible {lo:g}-{hi:g} "
+                    f"{u}: check the segmentation")
+    for side in ("LV", "RV"):
+        edv, esv = measures.get(f"{side}EDV (mL)"), measures.get(f"{side}ESV (mL)")
+        if _finite(edv) and _finite(esv) and float(esv) >= float(edv) and \
+                (float(edv) > 0 or float(esv) > 0):
+            add("esv_not_below_edv", f"{side}ESV (mL)", esv, None,
+                f"{side}ESV {float(esv):.1f} mL is not below {side}EDV {float(edv):.1f} mL "
+                "(ED and ES swapped, or a failed segmentation)", phase=es)
+    rv = (measures.get("volume_curves_ml") or {}).get("RVC")
+    if rv is not None:
+        for p, v in enumerate(rv):
+            if _finite(v) and float(v) <= 0.0:
+                add("zero_rv_volume", "RVC", 0.0, None,
+                    f"no RV cavity segmented at {at(p)} (RV volume 0 mL)", phase=p)
+    if labels is not None:
+        lab = np.asarray(labels)
+        if lab.ndim == 3:
+            lab = lab[None]
+        if lab.ndim != 4:
+            raise ValueError(f"labels must be [P, S, H, W] or [S, H, W], got {lab.shape}")
+        mid = mid_ventricular_slices(lab.shape[1])
+        if len(mid):
+            sub = lab[:, mid.start:mid.stop]
+            for name, k in _STRUCTURES.items():
+                present = (sub == k).any(axis=(2, 3))           # [P, len(mid)]
+                for p in range(lab.shape[0]):
+                    missing = [mid.start + i for i in np.flatnonzero(~present[p])]
+                    if missing:
+                        add("missing_on_mid_slice", name, len(missing), None,
+                            f"{_STRUCTURE_NAMES[name]} absent on mid-ventricular slice"
+                            f"{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(str, missing))} (of {mid.start}-{mid.stop - 1}) "
+                            f"at {at(p)}", phase=p, slices=[int(i) for i in missing])
+    return flags
+

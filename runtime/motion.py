@@ -118,6 +118,10 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
     hr_geo = hr_geometry(transform.model_geometry(study.geometry), src.interp)
     t3 = time.perf_counter()
     measures = rec._measures(study, labels, hr_labels, hr_geo, src.interp)
+    flags = rec._plausibility(measures, labels, hr_labels, study.phase_ids)
+    for f in flags:
+        f["message"] = "adapted " + f["message"]
+        log.warning("%s", f["message"])
     timings["measures"] = time.perf_counter() - t3
     log.info("motion adaptation: %d phases x %d slices in %.1f s (reconstructions %.1f s)",
              T, S, time.perf_counter() - t0, t_recon)
@@ -129,7 +133,10 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
                   latents=codes, hr_images=hr_images, hr_labels=hr_labels, hr_geometry=hr_geo,
                   interp=src.interp, measures=measures, inversion=src.inversion,
                   timings=timings, options=options, bundle=src.bundle,
-                  warnings=src.warnings + tgt.warnings, kind="motion_adaptation",
+                  warnings=([f"source: {w}" for w in src.warnings]
+                            + [f"target: {w}" for w in tgt.warnings]
+                            + [f["message"] for f in flags]),
+                  plausibility=flags, kind="motion_adaptation",
                   extra={"source": src, "target": tgt})
 
 

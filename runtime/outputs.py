@@ -13,14 +13,18 @@ are 0 background, 1 LV cavity, 2 LV myocardium, 3 RV cavity)::
 
     outputs.json                     manifest (written last): format, schema, kind, created,
                                      files {relative path: {sha256, bytes}}
-    run_report.json                  versions, platform, bundle, backend, device, options,
-                                     per-stage timings, inversion summary, warnings, study
+    run_report.json                  versions, platform, bundle (name, SHA-256, preset,
+                                     provenance), backend, device, options, per-stage
+                                     timings, inversion summary, warnings, plausibility
+                                     flags of the measures, study
     report.html                      offline HTML report of the pictures below (no network,
                                      no script): see :mod:`deeprecon.runtime.report`
     measures.csv                     one row per source ("native", "hr"): source, the nine
                                      ukbb_cardiac columns, ED frame, ES frame (frame numbers)
     measures.json                    the full measures per source (ED/ES indices, voxel
-                                     volume, volume curves), the frame numbers
+                                     volume, volume curves), the frame numbers, the
+                                     plausibility flags and "flagged": {source: {measure:
+                                     [flag codes]}}
     segmentation/seg_frameFF.nii.gz  labels on the native grid (uint8, study geometry)
     hr/image_frameFF.nii.gz          high-resolution image (float32, the study's intensity
                                      units: the bundle's normalisation undone)
@@ -600,6 +604,17 @@ def _csv_value(v: Any) -> str:
     return str(v)
 
 
+def flagged_measures(result: Result) -> dict[str, dict[str, list[str]]]:
+    """{source: {measure: [flag codes]}} of the Result's plausibility flags (the
+    "flagged" entry of measures.json): which measures not to trust without a look."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for f in result.plausibility:
+        codes = out.setdefault(str(f.get("source")), {}).setdefault(str(f.get("measure")), [])
+        if f.get("code") not in codes:
+            codes.append(f.get("code"))
+    return out
+
+
 def _write_measures(result: Result, stage: Path) -> None:
     """measures.csv (ukbb_cardiac columns) and measures.json."""
     rows = _measure_rows(result)
@@ -618,10 +633,14 @@ def _write_measures(result: Result, stage: Path) -> None:
         "frame_ids": frame_ids(result),
         "ed_es_index_of": "the reconstructed phases (see frame_ids)",
         "measures": result.measures,
+        "flagged": flagged_measures(result),
+        "plausibility": list(result.plausibility),
     }
     for name in ("source", "target"):
         if isinstance(extra.get(name), Result):
-            data[name] = {"frame_ids": frame_ids(extra[name]), "measures": extra[name].measures}
+            data[name] = {"frame_ids": frame_ids(extra[name]), "measures": extra[name].measures,
+                          "flagged": flagged_measures(extra[name]),
+                          "plausibility": list(extra[name].plausibility)}
     _write_json(stage / "measures.json", data)
 
 
@@ -834,6 +853,7 @@ def run_report(result: Result, *, created: str | None = None,
         "outputs_s": outputs_s,
         "inversion": inversion_summary(result),
         "warnings": all_warnings(result),
+        "plausibility": list(result.plausibility),
         "study": study_summary(result),
         "phases": {"indices": list(result.phases), "frame_ids": frame_ids(result),
                    "ed_index": result.ed_index, "es_index": result.es_index},
@@ -846,7 +866,8 @@ def run_report(result: Result, *, created: str | None = None,
     if result.kind == MOTION_KIND:
         report["motion"] = {
             name: {"study": study_summary(other), "bundle": dict(other.bundle),
-                   "phases": list(other.phases), "frame_ids": frame_ids(other)}
+                   "phases": list(other.phases), "frame_ids": frame_ids(other),
+                   "plausibility": list(other.plausibility)}
             for name in ("source", "target")
             if isinstance(other := result.extra.get(name), Result)}
     return report
@@ -907,5 +928,5 @@ def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True
 
 __all__ = ["write_outputs", "check_output_dir", "staging_dir", "install_signal_cleanup", "remove_stale_staging",
            "is_outputs_folder", "verify_outputs", "write_manifest", "sha256_file", "run_report",
-           "inversion_summary", "study_summary", "frame_ids", "all_warnings",
+           "inversion_summary", "study_summary", "frame_ids", "all_warnings", "flagged_measures",
            "to_study_intensity", "OUTPUTS_FORMAT", "OUTPUTS_SCHEMA", "MANIFEST_NAME"]

@@ -24,7 +24,9 @@ Stages (each timed into ``Result.timings``)::
   w(t) = (1 - t) w_i + t w_{i+1}, t = k / N, k = 1..N-1, rendered and segmented: a
   volume of (S - 1) N + 1 slices at spacing (native spacing / N), in the model grid's
   plane (origins interpolated between the model-grid slices', directions the study's).
-- measures: clinical measures of the native labels and of the high-resolution labels.
+- measures: clinical measures of the native labels and of the high-resolution labels,
+  and their plausibility flags (``Result.plausibility``, their messages in
+  ``Result.warnings``; see :func:`~.measures.plausibility_flags`).
   The high-resolution volume's (S - 1) N + 1 slices of thickness gap / N span the first
   to the last native slice centre plus half a thin slice at each end; the native stack
   spans half a native gap beyond each end centre. So the two end slices of the
@@ -45,7 +47,7 @@ import numpy as np
 from .backends import InversionSettings, Progress, open_backend
 from .bundle import Bundle, default_bundle_path, load_bundle
 from .errors import UsageError
-from .measures import clinical_measures, study_measures, voxel_volume_ml
+from .measures import clinical_measures, plausibility_flags, study_measures, voxel_volume_ml
 from .preprocess import prepare
 from .result import Result
 from .study import Geometry, Study
@@ -238,7 +240,9 @@ class Reconstructor:
 
     def bundle_info(self) -> dict[str, Any]:
         b = self.bundle
-        return {"path": str(b.path), "name": b.name, "sha256": b.sha256, "preset": b.preset}
+        return {"path": str(b.path), "name": b.name, "sha256": b.sha256, "preset": b.preset,
+                "created": b.manifest.get("created"),
+                "provenance": b.manifest.get("provenance")}
 
     # -- the pipeline -------------------------------------------------------------
     def reconstruct(self, study: Study | str | Path, *, steps: int | None = None,
@@ -323,8 +327,11 @@ class Reconstructor:
         model_geo = transform.model_geometry(sub.geometry)
         hr_geo = hr_geometry(model_geo, interp)
 
+        frames = [int(study.phase_ids[p]) for p in sel]
         with stages("measures"):
             measures = self._measures(sub, labels, hr_labels, hr_geo, interp)
+            flags = self._plausibility(measures, labels, hr_labels, frames)
+        warnings += [f["message"] for f in flags]
 
         data_range = float(np.subtract(*self.bundle.preprocess.out_range[::-1]))
         psnr_init = psnr(x, recon0 if settings.steps > 0 else inv.recon, data_range)
@@ -335,7 +342,7 @@ class Reconstructor:
             "stopped_early": inv.stopped_early.tolist(),
             "roi_fallback": roi_fallback.tolist(), "settings": settings.to_dict()}
         options = {"steps": settings.steps, "interp": interp, "phases": list(sel),
-                   "phase_ids": [int(study.phase_ids[p]) for p in sel],
+                   "phase_ids": frames,
                    "backend": self.backend.name, "device": self.backend.device,
                    "series": series, "backend_info": self.backend.info()}
         for w in warnings:
@@ -345,7 +352,7 @@ class Reconstructor:
                       latents=latents, hr_images=hr_images, hr_labels=hr_labels,
                       hr_geometry=hr_geo, interp=interp, measures=measures,
                       inversion=inversion_report, timings=stages.times, options=options,
-                      bundle=self.bundle_info(), warnings=warnings)
+                      bundle=self.bundle_info(), warnings=warnings, plausibility=flags)
 
     def _render_volume(self, latents: np.ndarray, interp: int, progress: Progress, *,
                        images: np.ndarray, labels: np.ndarray
@@ -385,6 +392,16 @@ class Reconstructor:
                                slice_weights=hr_slice_weights(sub.n_slices, interp))
         hr["ed_es_from"] = native["ed_es_from"]  # the same phases, chosen on the native labels
         return {"native": native, "hr": hr}
+
+
+    @staticmethod
+    def _plausibility(measures: dict[str, dict[str, Any]], labels: np.ndarray,
+                      hr_labels: np.ndarray, frame_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The plausibility flags of the native and the high-resolution measures."""
+        return (plausibility_flags(measures["native"], labels=labels, source="native",
+                                   frame_ids=frame_ids)
+                + plausibility_flags(measures["hr"], labels=hr_labels, source="hr",
+                                     frame_ids=frame_ids))
 
 
 def _subset_phases(study: Study, phases: tuple[int, ...]) -> Study:

@@ -8,9 +8,12 @@ comes from the study, the bundle or the options is HTML-escaped (DICOM descripti
 file names can hold anything).
 
 Sections: study summary; measures (native vs high resolution, and for a motion
-adaptation the source's and the target's); volume curves; per-slice overlays; the
+adaptation the source's and the target's), with a warning box above the table listing
+every plausibility flag (``Result.plausibility``) and the flagged cells marked; volume
+curves; per-slice overlays; the
 model-grid reconstructions; long-axis-like cuts; inversion summary; timings; warnings;
-run (backend, device, options, bundle and its hash, versions); files.
+run (backend, device, options, bundle: name, manifest SHA-256, preset, creation and the
+provenance its manifest records; versions); files. The header names the bundle too.
 
 The screenshot ``docs/report.png`` is the report of a real run: a demonstration model of
 the ``tiny`` preset trained on four phantoms (seeds 0-3; gan, encoder and seg 1500 steps at
@@ -33,13 +36,15 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from .errors import UsageError
-from .measures import MEASURE_COLUMNS
+from .measures import MEASURE_COLUMNS, PLAUSIBLE_RANGES
 from .outputs import MOTION_KIND, all_warnings, frame_ids, inversion_summary
 from .outputs import run_report as build_run_report
 from .outputs import study_summary
 from .result import Result
 
 REPORT_NAME = "report.html"
+#: plausibility flags listed in the report's warning box (the rest are counted)
+MAX_FLAGS_LISTED = 24
 
 #: the pictures the report knows, in page order: key -> (section title, caption)
 PICTURES: dict[str, tuple[str, str]] = {
@@ -84,8 +89,16 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: 12.5px; max-width: 900px; }
 .bar { display: inline-block; height: 9px; background: var(--accent); vertical-align: middle; }
 .warn { color: #8a4b00; }
+.alert { border: 2px solid #b35900; background: #fff4e0; color: #5c2e00; padding: 8px 14px;
+         margin: 6px 0 10px; border-radius: 4px; max-width: 900px; }
+.alert strong { font-size: 15px; }
+.alert ul { margin: 4px 0; padding-left: 20px; }
+.ok { color: var(--muted); font-size: 12.5px; }
+td.flag { background: #ffe1b3; color: #5c2e00; font-weight: 600; }
 code, .mono { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px;
               word-break: break-all; }
+pre { font-size: 11.5px; max-height: 320px; overflow: auto; background: var(--bg2);
+      padding: 4px 6px; margin: 4px 0; }
 footer { color: var(--muted); font-size: 12px; margin-top: 28px; border-top: 1px solid var(--line); }
 @media print { nav { display: none; } figure { break-inside: avoid; } }
 """
@@ -156,17 +169,65 @@ def _measure_columns(result: Result) -> list[tuple[str, Mapping[str, Any], list[
     return cols
 
 
+def _flags_by_column(result: Result) -> list[tuple[str, str, dict[str, Any]]]:
+    """(measures column title, whose, flag) of every plausibility flag the report shows:
+    the Result's own (whose ""), and for a motion adaptation the source's and the
+    target's (whose "source" / "target")."""
+    titles = {"native": "native", "hr": "high resolution"}
+    prefix = "adapted " if result.kind == MOTION_KIND else ""
+    out = [(prefix + titles.get(str(f.get("source")), str(f.get("source"))), "", f)
+           for f in result.plausibility]
+    if result.kind == MOTION_KIND:
+        for name in ("source", "target"):
+            other = result.extra.get(name)
+            if isinstance(other, Result):
+                out += [(f"{name} {titles.get(str(f.get('source')), str(f.get('source')))}",
+                         name, f) for f in other.plausibility]
+    return out
+
+
+def _plausibility_html(result: Result) -> str:
+    """The warning box of the plausibility flags (or one quiet line of the ranges)."""
+    flags = _flags_by_column(result)
+    ranges = ", ".join(f"{k.split(' (')[0]} {lo:g}&ndash;{hi:g} {_e(k[k.rfind('(') + 1:-1])}"
+                       for k, (lo, hi) in PLAUSIBLE_RANGES.items())
+    if not flags:
+        return (f'<p class="ok">Plausibility checks passed: {ranges}; ESV below EDV; an RV '
+                "cavity at every phase; LV cavity, LV myocardium and RV cavity on every "
+                "mid-ventricular slice.</p>")
+    items = "".join(f"<li>{_e(whose + ' ' if whose else '')}{_e(f.get('message'))} "
+                    f"<code>{_e(f.get('code'))}</code></li>"
+                    for _, whose, f in flags[:MAX_FLAGS_LISTED])
+    if len(flags) > MAX_FLAGS_LISTED:
+        items += (f"<li>&hellip; and {len(flags) - MAX_FLAGS_LISTED} more (every flag is in "
+                  "run_report.json and measures.json)</li>")
+    return (f'<div class="alert" role="alert"><strong>&#9888; {len(flags)} plausibility '
+            f"warning{'s' if len(flags) != 1 else ''}: check the segmentation overlays "
+            f"before using these measures</strong><ul>{items}</ul>"
+            f'<span class="ok">Plausible ranges: {ranges}.</span></div>')
+
+
 def _measures_html(result: Result) -> str:
     cols = _measure_columns(result)
     if not cols:
         return "<p>No measures.</p>"
+    flagged: dict[tuple[str, str], list[str]] = {}
+    for title, _, f in _flags_by_column(result):
+        flagged.setdefault((title, str(f.get("measure"))), []).append(str(f.get("message")))
     diff = {c[0] for c in cols} >= {"native", "high resolution"}
     head = "".join(f"<th>{_e(t)}</th>" for t, _, _ in cols)
     if diff:
         head += "<th>hr &minus; native</th>"
     rows = []
     for name in MEASURE_COLUMNS:
-        cells = "".join(f'<td class="num">{_num(m.get(name))}</td>' for _, m, _ in cols)
+        cells = ""
+        for t, m, _ in cols:
+            why = flagged.get((t, name))
+            if why:
+                cells += (f'<td class="num flag" title="{_e("; ".join(why))}">'
+                          f"&#9888; {_num(m.get(name))}</td>")
+            else:
+                cells += f'<td class="num">{_num(m.get(name))}</td>'
         if diff:
             a, b = result.measures["native"].get(name), result.measures["hr"].get(name)
             d = None if a is None or b is None else float(b) - float(a)
@@ -181,7 +242,8 @@ def _measures_html(result: Result) -> str:
         rows.append(f"<tr><th>{label}</th>{cells}{'<td></td>' if diff else ''}</tr>")
     src = "".join(f"<td>{_e(m.get('ed_es_from', ''))}</td>" for _, m, _ in cols)
     rows.append(f"<tr><th>ED/ES from</th>{src}{'<td></td>' if diff else ''}</tr>")
-    return (f"<table><tr><th>measure</th>{head}</tr>{''.join(rows)}</table>"
+    return (_plausibility_html(result)
+            + f"<table><tr><th>measure</th>{head}</tr>{''.join(rows)}</table>"
             "<p class=\"sub\">ukbb_cardiac conventions: volume = voxel count &times; voxel "
             "volume (slice spacing, not thickness); LVM = myocardium at ED &times; 1.05 g/mL.</p>")
 
@@ -258,9 +320,11 @@ def _run_html(report: Mapping[str, Any]) -> str:
     bundle = report.get("bundle") or {}
     rows = [("kind", report.get("kind")), ("backend", report.get("backend")),
             ("device", report.get("device")), ("created (UTC)", report.get("created"))]
-    rows += [(f"bundle {k}", v) for k, v in bundle.items()]
+    rows += [(f"bundle {k}", v) for k, v in bundle.items() if k != "provenance"]
     opts = report.get("options") or {}
     out = _kv_table((k, v) for k, v in rows if v is not None)
+    if bundle.get("provenance") is not None:
+        out += "<h3>Model provenance</h3>" + _provenance_html(bundle["provenance"])
     if opts:
         out += "<h3>Options</h3>" + _kv_table(
             (str(k), v if isinstance(v, str) else json.dumps(v, default=str))
@@ -271,6 +335,37 @@ def _run_html(report: Mapping[str, Any]) -> str:
         [(k, v) for k, v in vers.items() if v is not None]
         + [("platform", plat.get("platform"))])
     return out
+
+
+def _provenance_html(prov: Any, *, depth: int = 3, inline_chars: int = 200) -> str:
+    """The bundle manifest's provenance as it is (nothing added): nested objects
+    flattened to ``depth`` levels ("training: seg: summary"), deeper or long values as
+    JSON, folded into a <details> element (no script) when longer than
+    ``inline_chars``."""
+    rows: list[tuple[str, str]] = []
+
+    def value_html(v: Any) -> str:
+        if v is None:
+            return "&ndash;"
+        if isinstance(v, (str, int, float)):
+            text = str(v)
+        else:
+            text = json.dumps(v, default=str)
+        if len(text) <= inline_chars:
+            return _e(text)
+        full = json.dumps(v, default=str, indent=1) if not isinstance(v, str) else v
+        return (f"<details><summary>{_e(text[:100])}&hellip;</summary>"
+                f"<pre>{_e(full)}</pre></details>")
+
+    def walk(prefix: str, v: Any, level: int) -> None:
+        if isinstance(v, Mapping) and v and level < depth:
+            for k, v2 in v.items():
+                walk(f"{prefix}: {k}" if prefix else str(k), v2, level + 1)
+        else:
+            rows.append((prefix or "provenance", value_html(v)))
+
+    walk("", prov, 0)
+    return _kv_table(rows, raw=True) if rows else "<p>None recorded.</p>"
 
 
 def _files_html(folder: Path, extra: Sequence[str]) -> str:
@@ -334,10 +429,14 @@ def write_report(result: Result, folder: str | Path, pictures: Mapping[str, Any]
     body = "".join(f'<section id="{sid}"><h2>{_e(h)}</h2>{content}</section>'
                    for sid, h, content in sections)
     bundle = result.bundle or {}
+    preset = f" (preset {_e(bundle['preset'])})" if bundle.get("preset") else ""
+    n_flags = len(_flags_by_column(result))
+    alert = (f' &middot; <a class="warn" href="#measures"><strong>&#9888; {n_flags} plausibility '
+             f"warning{'s' if n_flags != 1 else ''}</strong></a>" if n_flags else "")
     sub = (f"{_e(study.source)} &middot; created {_e(report.get('created'))} UTC &middot; "
-           f"bundle {_e(bundle.get('name', '?'))} "
+           f"bundle {_e(bundle.get('name', '?'))}{preset} "
            f"<span class=\"mono\">{_e(str(bundle.get('sha256', ''))[:16])}</span> &middot; "
-           f"{_e(report.get('backend'))} on {_e(report.get('device'))}")
+           f"{_e(report.get('backend'))} on {_e(report.get('device'))}{alert}")
     vers = (report.get("versions") or {}).get("deeprecon", "")
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

@@ -51,8 +51,12 @@ class Result:
                    "encode", "invert", "segment", "map_back", "interpolate", "measures").
     options:       what was asked: steps, interp, phases, backend, device, ...
     bundle:        the bundle's identity: {"path", "name", "sha256" (of its manifest),
-                   "preset"}.
-    warnings:      things the user should know (also logged at WARNING).
+                   "preset", "created", "provenance" (the manifest's, as written)}.
+    warnings:      things the user should know (also logged at WARNING); includes the
+                   message of every plausibility flag.
+    plausibility:  the flags of implausible measures, of every source (see
+                   :func:`~deeprecon.runtime.measures.plausibility_flags`); empty when
+                   every measure is plausible.
     kind:          "reconstruction" or "motion_adaptation".
     extra:         kind-specific data; for motion adaptation: {"source": Result,
                    "target": Result} with the adapted sequence in this Result's arrays.
@@ -76,6 +80,7 @@ class Result:
     options: dict[str, Any]
     bundle: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    plausibility: list[dict[str, Any]] = field(default_factory=list)
     kind: str = "reconstruction"
     extra: dict[str, Any] = field(default_factory=dict)
 
