@@ -3,7 +3,9 @@ builds the fused NCC + ROI-L2 loss extension (cpp_ext/csrc) at install time.
 
 `deeprecon` is a namespace package: `trainer/ -> deeprecon.trainer`,
 `export/ -> deeprecon.export`, `runtime/ -> deeprecon.runtime`,
-`cpp_ext/ -> deeprecon.cpp_ext`.
+`cpp_ext/ -> deeprecon.cpp_ext`. Data files: the trainer's data split and the reference
+model bundle, `runtime/models/reference/` (found by `deeprecon.runtime.bundle.
+default_bundle_path`; no `__init__.py` there: it is data of `deeprecon.runtime`).
 
 The C++ CPU kernel is built whenever torch is importable at build time; the CUDA
 kernel too when torch has CUDA and nvcc is found (set DEEPRECON_NO_CUDA=1 to skip
@@ -76,7 +78,13 @@ setup(
     packages=find_packages(),
     package_dir=PACKAGE_DIRS,
     include_package_data=False,  # C++/CUDA sources are built, not shipped
-    package_data={"deeprecon.trainer": ["splits/*.json"]},  # the committed data split
+    package_data={
+        "deeprecon.trainer": ["splits/*.json"],  # the committed data split
+        # the shipped reference bundle (manifest.json, weights/*.safetensors,
+        # programs/*.pt2, any ONNX graphs): every file of the folder, since a bundle
+        # refuses to load with a listed file missing (runtime/bundle.py)
+        "deeprecon.runtime": ["models/reference/*", "models/reference/**/*"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

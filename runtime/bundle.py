@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -635,10 +636,35 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
 # ----------------------------------------------------------------------------- shipped bundle
 
 
+#: where the reference bundle ships inside the package (setup.py's package_data
+#: ``models/reference/**``; an editable install reads it from the source tree)
+SHIPPED_BUNDLE = Path(__file__).resolve().parent / "models" / "reference"
+#: environment variable naming a site-wide default bundle (before the shipped one)
+BUNDLE_ENV = "DEEPRECON_BUNDLE"
+
+
 def default_bundle_path() -> Path:
-    """The reference bundle that ships inside the package
-    (``deeprecon/runtime/models/reference``); UnavailableError while none ships."""
-    path = Path(__file__).resolve().parent / "models" / "reference"
+    """The bundle used when none is given (``--bundle`` omitted, ``Reconstructor(None)``).
+
+    1. ``$DEEPRECON_BUNDLE`` when it is set and not empty: a site-wide default. A value
+       that is not a bundle folder (no ``manifest.json``) is an UnavailableError naming
+       the variable: never a silent fallback to the shipped bundle.
+    2. the reference bundle shipped inside the package
+       (``deeprecon/runtime/models/reference``); UnavailableError while none ships.
+
+    Only the folder is checked here; :func:`load_bundle` verifies its files.
+    """
+    env = os.environ.get(BUNDLE_ENV, "")
+    if env.strip():
+        path = Path(env).expanduser()
+        if not (path / MANIFEST).is_file():
+            what = "does not exist" if not path.exists() else f"holds no {MANIFEST}"
+            raise UnavailableError(
+                f"{BUNDLE_ENV}={env} is not a model bundle folder (it {what})",
+                hint=f"point {BUNDLE_ENV} at a bundle folder, pass --bundle DIR, or unset "
+                     f"{BUNDLE_ENV} to use the shipped reference bundle")
+        return path.resolve()
+    path = SHIPPED_BUNDLE
     if not (path / MANIFEST).is_file():
         raise UnavailableError("no reference bundle ships with this version yet",
                                hint="pass --bundle DIR; make one with "
@@ -649,4 +675,5 @@ def default_bundle_path() -> Path:
 __all__ = ["BUNDLE_FORMAT", "SCHEMA_VERSION", "MANIFEST", "BATCH", "GRAPH_NAMES",
            "INVERSION_KEYS", "TensorSpec", "GraphSpec", "Bundle", "load_bundle",
            "graph_specs", "check_program_archive", "sha256_file", "default_bundle_path",
+           "SHIPPED_BUNDLE", "BUNDLE_ENV",
            "dtype_name"]

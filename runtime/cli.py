@@ -223,7 +223,8 @@ def _print_summary(result, out: Path, as_json: bool) -> None:
             "output": str(out), "kind": result.kind,
             "measures": {src: {k: m[k] for k in MEASURE_COLUMNS}
                          for src, m in result.measures.items()},
-            "timings_s": result.timings, "warnings": result.warnings}), indent=2))
+            "timings_s": result.timings, "warnings": result.warnings,
+            "plausibility": result.plausibility}), indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -241,7 +242,8 @@ def _print_summary(result, out: Path, as_json: bool) -> None:
                + f" (total {total:.2f} s)")
 
 
-_BUNDLE_HELP = "Model bundle folder (default: the reference bundle shipped with the package)."
+_BUNDLE_HELP = ("Model bundle folder (default: $DEEPRECON_BUNDLE when set, else the reference "
+                "bundle shipped with the package).")
 _DEVICE_HELP = "cpu, cuda or cuda:N (never falls back to another device)."
 
 
@@ -316,7 +318,7 @@ def adapt_motion_cmd(
 
 @bundle_app.command("info")
 def bundle_info(
-    path: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the shipped reference bundle)."),
+    path: Optional[Path] = typer.Argument(None, help="Bundle folder (default: $DEEPRECON_BUNDLE when set, else the shipped reference bundle)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Check a model bundle (every file's SHA-256) and describe it: networks, graphs, preprocessing, inversion defaults."""
@@ -337,6 +339,7 @@ def bundle_info(
     for k in ("sha256", "preset", "resolution", "num_ws", "w_dim", "created"):
         table.add_row(k, str(desc.get(k)))
     table.add_row("preprocess", json.dumps(desc["preprocess"]))
+    table.add_row("provenance", json.dumps(desc["provenance"]))
     table.add_row("inversion", json.dumps(desc["inversion"]))
     for name, g in desc["graphs"].items():
         table.add_row(f"graph {name}",

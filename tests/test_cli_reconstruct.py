@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from deeprecon.runtime import bundle as runtime_bundle
 from deeprecon.runtime.cli import run
 from deeprecon.runtime.errors import ExitCode
 from deeprecon.runtime.phantom import make_phantom, write_phantom
@@ -89,6 +90,73 @@ def test_adapt_motion_and_bundle_info(tiny_bundle, tmp_path, capsys):
     assert run(["bundle", "info", str(tiny_bundle)]) == 0
 
 
+def test_default_bundle_shipped_or_from_the_environment(tiny_bundle, tmp_path, capsys,
+                                                        monkeypatch):
+    """Without --bundle, `reconstruct` and `bundle info` use $DEEPRECON_BUNDLE when set,
+    else the shipped reference bundle; a set-but-invalid $DEEPRECON_BUNDLE is a one-line
+    exit 69 (never a fallback to the shipped one), and so is a missing reference bundle.
+    The run report names the bundle and carries the plausibility flags."""
+    write_phantom(make_phantom(slices=5, phases=2, seed=3, matrix=(64, 72),
+                               pixel_spacing_mm=3.0), tmp_path / "study", preview=False)
+    study = str(tmp_path / "study")
+    none = tmp_path / "no_reference"
+    monkeypatch.delenv("DEEPRECON_BUNDLE", raising=False)
+
+    def info_path() -> str:
+        assert run(["bundle", "info", "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)["path"]
+
+    def reconstruct(out: Path) -> dict:
+        rc = run(["reconstruct", study, "-o", str(out), "--fast", "--interp", "1", "--json"])
+        assert rc == 0, capsys.readouterr().err
+        summary = json.loads(capsys.readouterr().out)
+        report = json.loads((out / "run_report.json").read_text())
+        assert summary["plausibility"] == report["plausibility"]
+        return report
+
+    # the shipped reference bundle (its location monkeypatched to the tiny bundle)
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", Path(tiny_bundle))
+    assert Path(info_path()) == Path(tiny_bundle)
+    assert run(["bundle", "info"]) == 0                       # the human-readable table
+    capsys.readouterr()
+    report = reconstruct(tmp_path / "out_shipped")
+    assert Path(report["bundle"]["path"]) == Path(tiny_bundle)
+    assert report["bundle"]["preset"] == "tiny" and len(report["bundle"]["sha256"]) == 64
+    assert report["bundle"]["provenance"]["command"] == "tests/bundles.py make_tiny_bundle"
+    # untrained networks: implausible measures, each flag also a warning
+    assert report["plausibility"], "a random bundle's measures should be flagged"
+    for f in report["plausibility"]:
+        assert f["message"] in report["warnings"] and f["source"] in ("native", "hr")
+    page = (tmp_path / "out_shipped" / "report.html").read_text()
+    assert 'class="alert"' in page and "preset tiny" in page
+
+    # $DEEPRECON_BUNDLE, with no reference bundle shipped
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", none)
+    monkeypatch.setenv("DEEPRECON_BUNDLE", str(tiny_bundle))
+    assert Path(info_path()) == Path(tiny_bundle).resolve()
+    report = reconstruct(tmp_path / "out_env")
+    assert Path(report["bundle"]["path"]) == Path(tiny_bundle).resolve()
+
+    # set but invalid: an error naming the variable, even though a bundle ships
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", Path(tiny_bundle))
+    for bad, why in ((tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no manifest.json")):
+        monkeypatch.setenv("DEEPRECON_BUNDLE", str(bad))
+        for args in (["bundle", "info"], ["reconstruct", study, "-o", str(tmp_path / "o")]):
+            assert run(args) == ExitCode.UNAVAILABLE
+            err = capsys.readouterr().err
+            assert "DEEPRECON_BUNDLE" in err and why in err and "Traceback" not in err
+            assert err.startswith("deeprecon-rt: error:")
+    assert not (tmp_path / "o").exists()
+
+    # empty counts as unset; with no reference bundle: the one-line exit 69 of today
+    monkeypatch.setenv("DEEPRECON_BUNDLE", "")
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", none)
+    for args in (["bundle", "info"], ["reconstruct", study, "-o", str(tmp_path / "o")]):
+        assert run(args) == ExitCode.UNAVAILABLE
+        err = capsys.readouterr().err
+        assert "no reference bundle ships" in err and "--bundle" in err
+
+
 def _broken_study(kind: str, root: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     from dicom_series import synthetic_study, write_dicom_series
@@ -118,7 +186,8 @@ def test_bad_studies_exit_codes(tiny_bundle, tmp_path, kind, code, capsys):
     assert _leftovers(tmp_path, {"study"}) == []
 
 
-def test_bad_options_bundles_and_devices(tiny_bundle, acdc_patient001, tmp_path, capsys):
+def test_bad_options_bundles_and_devices(tiny_bundle, acdc_patient001, tmp_path, capsys,
+                                        monkeypatch):
     args = [str(acdc_patient001), "-o", str(tmp_path / "out")]
     assert run(["reconstruct", str(tmp_path / "nope"), "-o", str(tmp_path / "o"),
                 "--bundle", str(tiny_bundle)]) == ExitCode.NO_INPUT
@@ -133,7 +202,9 @@ def test_bad_options_bundles_and_devices(tiny_bundle, acdc_patient001, tmp_path,
         assert run(["reconstruct", *args, "--bundle", str(tiny_bundle),
                     "--device", "cuda"]) == ExitCode.UNAVAILABLE
     capsys.readouterr()
-    assert run(["reconstruct", *args]) == ExitCode.UNAVAILABLE        # no reference bundle yet
+    monkeypatch.delenv("DEEPRECON_BUNDLE", raising=False)             # no default bundle
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", tmp_path / "no_reference")
+    assert run(["reconstruct", *args]) == ExitCode.UNAVAILABLE
     assert "no reference bundle" in capsys.readouterr().err
     # a bundle with one byte changed
     bad = tmp_path / "bad_bundle"

@@ -1,7 +1,11 @@
 """The distribution: editable install and built wheel both import `deeprecon.*`; the
-runtime core imports without torch."""
+runtime core imports without torch; a reference bundle placed in runtime/models/reference
+ships in the wheel (checked with a fake bundle in a temporary copy of the tree: nothing
+is written into the tree, and the real bundle need not exist)."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,9 +33,34 @@ sys.meta_path.insert(0, Block())
 """
 
 
+#: a fake reference bundle: the kinds of file a real one holds, in its sub-folders
+FAKE_BUNDLE = ("manifest.json", "weights/generator.safetensors", "programs/generator.pt2",
+               "onnx/generator.onnx")
+REFERENCE = "runtime/models/reference"
+
+
 def _py(code: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600, **kw)
+
+
+def _copy_tree(dest: Path, *, only: tuple[str, ...] = ()) -> Path:
+    """The working tree's files (tracked and untracked, not ignored; under ``only`` when
+    given) copied to ``dest``, without any real reference bundle, plus FAKE_BUNDLE in
+    runtime/models/reference."""
+    p = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                        "--", *only], cwd=REPO, capture_output=True, timeout=60, check=True)
+    for rel in sorted(set(p.stdout.decode().split("\0")) - {""}):
+        src = REPO / rel
+        if rel.startswith(REFERENCE + "/") or not src.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    for rel in FAKE_BUNDLE:
+        f = dest / REFERENCE / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}\n" if rel.endswith(".json") else "fake")
+    return dest
 
 
 def test_editable_install_maps_folders():
@@ -41,6 +70,26 @@ def test_editable_install_maps_folders():
     runtime_file, cpp_file = p.stdout.split()
     assert Path(runtime_file).parent.name == "runtime"
     assert Path(cpp_file).parent.name == "cpp_ext"
+    # the editable install reads the reference bundle from the source tree
+    p = _py("from deeprecon.runtime.bundle import SHIPPED_BUNDLE; print(SHIPPED_BUNDLE)", cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.strip()) == (REPO / REFERENCE).resolve()
+
+
+def test_reference_bundle_is_package_data(tmp_path):
+    """setup.py's package_data takes every file of runtime/models/reference (manifest,
+    weights, programs, ONNX graphs, in sub-folders) into the build: build_py of a copy of
+    the packaging files and runtime/ with a fake bundle (seconds; the wheel test below
+    checks the same in a real wheel)."""
+    src = _copy_tree(tmp_path / "src", only=("setup.py", "pyproject.toml", "README.md",
+                                             "runtime"))
+    lib = tmp_path / "lib"
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                       cwd=src, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rel in FAKE_BUNDLE:
+        assert (lib / "deeprecon/runtime/models/reference" / rel).is_file(), rel
+    assert (lib / "deeprecon/runtime/bundle.py").is_file()
 
 
 def test_runtime_core_imports_without_torch():
@@ -73,9 +122,12 @@ def test_reconstruct_without_torch_names_what_is_missing(tiny_bundle):
 
 @pytest.mark.slow
 def test_wheel_builds_installs_and_imports(tmp_path):
+    """A wheel of a copy of the tree (with a fake reference bundle), installed into a
+    temporary target: the packages, the data split, the kernel and the bundle are in it."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    src = _copy_tree(tmp_path / "src")
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation",
-                        "--no-deps", "-w", str(wheel_dir), str(REPO)],
+                        "--no-deps", "-w", str(wheel_dir), str(src)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     wheels = list(wheel_dir.glob("deeprecon_rt-*.whl"))
@@ -84,7 +136,8 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     for f in ("deeprecon/runtime/study.py", "deeprecon/runtime/cli.py",
               "deeprecon/cpp_ext/__init__.py", "deeprecon/trainer/__init__.py",
               "deeprecon/export/__init__.py", "deeprecon/trainer/stages/gan.py",
-              "deeprecon/trainer/splits/acdc.json"):
+              "deeprecon/trainer/splits/acdc.json",
+              *(f"deeprecon/runtime/models/reference/{rel}" for rel in FAKE_BUNDLE)):
         assert f in names, f
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "deeprecon.trainer.cli:app" in zipfile.ZipFile(wheels[0]).read(entry_points).decode()
@@ -98,7 +151,11 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     p = _py(f"import sys; sys.path.insert(0, {str(target)!r})\n"
             "import deeprecon.runtime.study as s, deeprecon.cpp_ext as c\n"
             "from deeprecon.trainer.split import load_split\n"
+            "from deeprecon.runtime.bundle import default_bundle_path\n"
             "assert len(load_split('acdc')['train']) == 60\n"
-            "print(s.__file__)", cwd="/")
+            "print(s.__file__)\n"
+            "print(default_bundle_path())", cwd="/", env={**os.environ, "DEEPRECON_BUNDLE": ""})
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().startswith(str(target))
+    study_file, bundle_dir = p.stdout.split()
+    assert study_file.startswith(str(target))
+    assert Path(bundle_dir) == (target / "deeprecon/runtime/models/reference").resolve()
