@@ -7,15 +7,22 @@ builds the fused NCC + ROI-L2 loss extension (cpp_ext/csrc) at install time.
 model bundle, `runtime/models/reference/` (found by `deeprecon.runtime.bundle.
 default_bundle_path`; no `__init__.py` there: it is data of `deeprecon.runtime`).
 
-The C++ CPU kernel is built whenever torch is importable at build time; the CUDA
-kernel too when torch has CUDA and nvcc is found (set DEEPRECON_NO_CUDA=1 to skip
-it). Nothing is compiled at import time.
+Two compiled libraries in deeprecon/cpp_ext, from one raw-pointer C++ core
+(cpp_ext/csrc/core):
+- `_ncc_core`: the core behind a C ABI (cpp_ext/csrc/capi), loaded with ctypes by
+  `deeprecon.cpp_ext.numpy_ops`. It links neither libtorch nor Python and is built
+  always, with or without torch (a C++ compiler is all it needs; where none works it
+  is skipped with a warning, and numpy_ops says so when called).
+- `_C`: the torch op (TORCH_LIBRARY), built whenever torch is importable at build time;
+  its CUDA kernel too when torch has CUDA and nvcc is found (set DEEPRECON_NO_CUDA=1 to
+  skip it).
+Nothing is compiled at import time.
 """
 import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 PACKAGE_DIRS = {
     "deeprecon.trainer": "trainer",
@@ -36,19 +43,44 @@ def find_packages():
     return sorted(packages)
 
 
+CORE_SOURCES = sorted(glob.glob("cpp_ext/csrc/core/*.cpp"))
+
+
+def ncc_core_extension():
+    """`deeprecon.cpp_ext._ncc_core`: the raw-pointer core and its C ABI, a plain shared
+    library for ctypes (no torch, no Python API: nothing of either is linked), built by
+    the stock setuptools compiler. OpenMP on Linux; serial elsewhere."""
+    sources = CORE_SOURCES + sorted(glob.glob("cpp_ext/csrc/capi/*.cpp"))
+    if not sources:
+        return []
+    if sys.platform == "win32":
+        cflags, lflags = ["/O2", "/std:c++17", "/openmp"], []
+    else:
+        cflags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+        lflags = []
+        if sys.platform.startswith("linux"):
+            cflags.append("-fopenmp")
+            lflags.append("-fopenmp")
+    return [Extension("deeprecon.cpp_ext._ncc_core", sources, language="c++",
+                      extra_compile_args=cflags, extra_link_args=lflags, optional=True)]
+
+
 def extensions():
+    core = ncc_core_extension()
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
         sys.stderr.write(
-            "deeprecon-rt: torch is not installed at build time; the fused loss kernel "
-            "(deeprecon.cpp_ext._C) is not built. Install torch first and use "
+            "deeprecon-rt: torch is not installed at build time; the fused loss op "
+            "(deeprecon.cpp_ext._C) is not built, only its torch-free library "
+            "(deeprecon.cpp_ext._ncc_core, for numpy arrays). Install torch first and use "
             "`pip install --no-build-isolation`.\n")
-        return [], {}
+        return core, {}
     sources = sorted(glob.glob("cpp_ext/csrc/*.cpp"))
     if not sources:
-        return [], {}
+        return core, {}
+    sources += CORE_SOURCES
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for
     # torch >= 2.10), for the host compiler and for nvcc.
     cxx_flags = ["-O3"]
@@ -70,7 +102,10 @@ def extensions():
             "deeprecon.cpp_ext._C", sources, define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"] if sys.platform != "win32" else [])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    # BuildExtension builds _ncc_core too: a plain Extension gets no torch include path
+    # and no torch library from it (only a -D of its name), and its -std is kept.
+    return core + [ext], {
+        "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

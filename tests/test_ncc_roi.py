@@ -483,9 +483,11 @@ def _nvcc() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CUDA_HOME/bin or PATH)")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    """nvcc -c of ncc_roi_cuda.cu with torch's headers and flags (sm_90 only, to keep it
-    short; ~35 s on 2 cores). A CPU-only torch wheel lacks c10's generated CUDA macros
-    header: then C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for it."""
+    """nvcc -c of the CUDA sources (ncc_roi_cuda.cu, the torch binding, and
+    ncc_roi_cuda_launch.cu, the raw-pointer entry it calls) with torch's headers and flags,
+    as setup.py builds them (sm_90 only, to keep it short; ~40 s on 2 cores). A CPU-only
+    torch wheel lacks c10's generated CUDA macros header: then
+    C10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for it."""
     import sysconfig
 
     from torch.utils import cpp_extension
@@ -496,10 +498,58 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     macros = []
     if not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         macros.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
-    cmd = [_nvcc(), "-c", "-std=c++20", "-O3", "--use_fast_math",
-           "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC",
-           *cpp_extension.COMMON_NVCC_FLAGS, *macros, *includes,
-           "-o", str(tmp_path / "ncc_roi_cuda.o"), str(CSRC / "cuda" / "ncc_roi_cuda.cu")]
+    sources = sorted((CSRC / "cuda").glob("*.cu"))
+    assert [f.name for f in sources] == ["ncc_roi_cuda.cu", "ncc_roi_cuda_launch.cu"]
+    for src in sources:
+        obj = tmp_path / (src.stem + ".o")
+        cmd = [_nvcc(), "-c", "-std=c++20", "-O3", "--use_fast_math",
+               "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC",
+               *cpp_extension.COMMON_NVCC_FLAGS, *macros, *includes, "-o", str(obj), str(src)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-5000:]
+        assert obj.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CUDA_HOME/bin or PATH)")
+def test_cuda_raw_pointer_entry_builds_without_torch(tmp_path):
+    """The CUDA kernel's own entry on raw device pointers and a stream
+    (cuda/ncc_roi_cuda_launch.cu, a C ABI for e.g. onnxruntime's CUDA provider): built by
+    nvcc with the core and no torch header into a shared library, whose host-side checks
+    and workspace size are called here (they run before any CUDA call: no GPU needed)."""
+    lib_path = tmp_path / "libncc_cuda.so"
+    cmd = [_nvcc(), "-shared", "-std=c++17", "-O2", "-gencode", "arch=compute_90,code=sm_90",
+           "-Xcompiler", "-fPIC", "-o", str(lib_path), str(CSRC / "cuda" / "ncc_roi_cuda_launch.cu"),
+           str(CSRC / "core" / "ncc_roi_core.cpp")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-5000:]
-    assert (tmp_path / "ncc_roi_cuda.o").stat().st_size > 0
+    lib = ctypes.CDLL(str(lib_path))
+    i64, fp = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+    lib.deeprecon_ncc_roi_loss_cuda_workspace_bytes.argtypes = [i64, i64, i64]
+    lib.deeprecon_ncc_roi_loss_cuda_workspace_bytes.restype = ctypes.c_size_t
+    fn = lib.deeprecon_ncc_roi_loss_cuda
+    fn.argtypes = [fp, fp, fp, i64, i64, i64, i64, i64, i64, ctypes.c_double, ctypes.c_double,
+                   ctypes.c_double, fp, fp, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                   ctypes.c_char_p, i64]
+    fn.restype = ctypes.c_int
+    B, H, W = 3, 40, 70
+    tiles = -(-H // 16) * -(-W // 32)
+    up = lambda n: -(-n // 256) * 256  # noqa: E731
+    bytes_ = lib.deeprecon_ncc_roi_loss_cuda_workspace_bytes(B, H, W)
+    assert bytes_ == up(4 * B * 3 * H * W) + up(4 * B * tiles * 3) + up(4 * B)
+
+    def call(B=B, roi_b=1, window=9, mode=0, sigma=1.5, workspace=None, size=0):
+        err = ctypes.create_string_buffer(256)
+        rc = fn(None, None, None, B, roi_b, H, W, window, mode, sigma, 1.0, 1.0, None, None,
+                workspace, size, None, err, len(err))
+        return rc, err.value.decode()
+
+    assert call(B=0) == (0, "")
+    for kw, match in ((dict(window=27), "window must be <= 25 for the CUDA kernel"),
+                      (dict(window=4), "window must be a positive odd integer"),
+                      (dict(mode=1, sigma=0.0), "sigma must be finite and > 0"),
+                      (dict(roi_b=2), "roi must have shape"),
+                      (dict(B=70000), "at most 65535 images"),
+                      (dict(), "a null pointer")):
+        rc, msg = call(**kw)
+        assert rc == 1 and match in msg, (kw, msg)

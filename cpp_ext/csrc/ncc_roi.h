@@ -1,5 +1,7 @@
-// Fused NCC + ROI-L2 loss and its gradient with respect to y: declarations shared by
-// the CPU kernel (ncc_roi.cpp) and the CUDA kernel (cuda/ncc_roi_cuda.cu).
+// Fused NCC + ROI-L2 loss and its gradient with respect to y: declarations of the torch
+// binding shared by the CPU op (ncc_roi.cpp) and the CUDA op (cuda/ncc_roi_cuda.cu). The
+// kernels themselves take raw pointers and know nothing of torch: core/ncc_roi_core.h
+// (CPU) and cuda/ncc_roi_cuda_launch.h (CUDA).
 //
 // Schema (one, in TORCH_LIBRARY(deeprecon, ...)):
 //   deeprecon::ncc_roi_loss(Tensor x, Tensor y, Tensor roi, int window, int mode,
@@ -17,19 +19,16 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <vector>
+#include "core/ncc_roi_core.h"
 
 namespace deeprecon {
 
-constexpr int64_t kModeBox = 0;
-constexpr int64_t kModeGaussian = 1;
-constexpr double kNccEps = 1e-5;
+using core::kModeBox;
+using core::kModeGaussian;
+using core::kNccEps;
 
 // Checks every argument at the kernel boundary; each failure names the argument.
 void check_ncc_roi_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& roi,
                         int64_t window, int64_t mode, double sigma, c10::DeviceType device);
-
-// The 1D taps of the separable window (k of them) and n, the sum of the 2D weights.
-std::vector<double> ncc_window_taps(int64_t window, int64_t mode, double sigma, double* n);
 
 }  // namespace deeprecon

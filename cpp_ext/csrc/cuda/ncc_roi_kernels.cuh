@@ -1,9 +1,10 @@
 // Device code of the CUDA kernel of the fused NCC + ROI-L2 loss (see ../ncc_roi.h for the
-// op and ../ncc_roi.cpp for the formulas and the gradient's derivation).
+// op and ../core/ncc_roi_core.cpp for the formulas and the gradient's derivation).
 //
 // This header includes no torch header, so that it can be compiled on its own: by nvcc
-// (tests/test_ncc_roi.py compiles ncc_roi_cuda.cu, which includes it) and by a host C++
-// compiler, where tests/native/ncc_roi_emulate.cc runs every block's phases thread by thread on the
+// (in ncc_roi_cuda_launch.cu, the kernels' raw-pointer entry, which tests/test_ncc_roi.py
+// compiles with and without torch's headers) and by a host C++ compiler, where
+// tests/native/ncc_roi_emulate.cc runs every block's phases thread by thread on the
 // CPU. Each kernel body is therefore written as a sequence of *phases*: a phase is what
 // one thread does between two __syncthreads(); the CUDA kernels call the phases with a
 // barrier in between, and the emulator runs phase p of all threads of a block before
