@@ -6,11 +6,14 @@
 - `ncc_roi_loss`: the op (compiled CPU / CUDA kernels, or impl="ref"); see its docstring.
 - `ncc_roi_loss_reference`: the pure-PyTorch specification (loss [B], by autograd).
 - `ncc_roi_loss_grouped_conv`: the same loss with one grouped convolution.
-- `load_library`, `kernels_available`: load / query the compiled kernels.
+- `load_library`, `kernels_available`: load / query the compiled kernels of the op.
+- `KernelUnavailableError`: a compiled kernel is not built or does not load (the
+  runtime maps it to exit 69; cpp_ext imports nothing from deeprecon.runtime).
 
-Importing this package imports neither torch nor the compiled library: the names
-above are resolved on first access, and the library `_C` (built by `pip install`,
-never at import) is loaded on the first call that needs it.
+Importing this package imports neither torch nor the compiled libraries: the names
+above are resolved on first access, and the libraries (`_C`, the torch op; `_ncc_core`,
+the torch-free one; built by `pip install`, never at import) are loaded on the first
+call that needs them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ _EXPORTS = {
     "ncc_roi_loss": "ops",
     "load_library": "ops",
     "kernels_available": "ops",
+    "KernelUnavailableError": "errors",
     "ncc_roi_loss_reference": "reference",
     "ncc_roi_loss_grouped_conv": "reference",
     "window_taps": "reference",

@@ -4,8 +4,10 @@ The op `torch.ops.deeprecon.ncc_roi_loss` is defined (one schema) and implemente
 the compiled library `deeprecon.cpp_ext._C` (CPU kernel, and CUDA kernel where it was
 built). That library is built by `pip install`, never at import, and loaded on first
 use: importing this module neither compiles nor loads anything. A kernel that is not
-built is an `UnavailableError` naming what is missing; there is no silent fallback to
-the reference (impl="ref" is the explicit way to run it).
+built is a `KernelUnavailableError` (deeprecon.cpp_ext.errors; the runtime maps it to
+exit 69) naming what is missing; there is no silent fallback to the reference
+(impl="ref" is the explicit way to run it). The kernel itself is a raw-pointer C++ core
+shared with the torch-free binding `deeprecon.cpp_ext.numpy_ops`.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import threading
 
 import torch
 
-from deeprecon.runtime.errors import UnavailableError
-
+from .errors import KernelUnavailableError
 from .reference import DEFAULT_SIGMA, MODES, loss_and_grad, ncc_roi_loss_reference
 
 OP_NAME = "deeprecon::ncc_roi_loss"
@@ -38,7 +39,7 @@ def load_library() -> None:
     kernel and autograd formula. Idempotent and thread-safe.
 
     Raises:
-        UnavailableError: the library was not built (torch absent at install time) or
+        KernelUnavailableError: the library was not built (torch absent at install time) or
             does not load (e.g. built against another torch).
     """
     if _state["loaded"]:
@@ -51,11 +52,11 @@ def load_library() -> None:
         except ModuleNotFoundError as e:
             if e.name != "deeprecon.cpp_ext._C":
                 raise
-            raise UnavailableError(
+            raise KernelUnavailableError(
                 "the compiled kernels of deeprecon.cpp_ext (module _C) were not built: torch "
                 "was not importable when the package was installed", hint=_REINSTALL) from e
         except ImportError as e:
-            raise UnavailableError(
+            raise KernelUnavailableError(
                 f"the compiled kernels of deeprecon.cpp_ext (module _C) do not load: {e}",
                 hint="they were probably built against another torch; " + _REINSTALL) from e
         _register_python_parts()
@@ -67,7 +68,7 @@ def kernels_available() -> dict[str, bool]:
     only if the CUDA kernel was built and torch sees a CUDA device. Never raises."""
     try:
         load_library()
-    except UnavailableError:
+    except KernelUnavailableError:
         return {"cpu": False, "cuda": False}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return {"cpu": has(OP_NAME, "CPU"),
@@ -197,8 +198,8 @@ def ncc_roi_loss(x: torch.Tensor, y: torch.Tensor, roi: torch.Tensor, *, window:
     Raises:
         ValueError / TypeError: a bad argument (named in the message), or x / roi
             requiring grad (the op gives the gradient with respect to y only).
-        UnavailableError: the compiled kernel for the device is not built; nothing falls
-            back to the reference.
+        KernelUnavailableError: the compiled kernel for the device is not built (the
+            runtime's exit 69); nothing falls back to the reference.
     """
     _check_args(x, y, roi, window, mode, sigma, impl)
     if impl == "ref":
@@ -209,13 +210,13 @@ def ncc_roi_loss(x: torch.Tensor, y: torch.Tensor, roi: torch.Tensor, *, window:
         raise ValueError(f"ncc_roi_loss: impl={impl!r} needs x, y and roi on a {kernel} "
                          f"device, got {x.device}")
     if kernel not in ("cpu", "cuda"):
-        raise UnavailableError(
+        raise KernelUnavailableError(
             f"ncc_roi_loss has no compiled kernel for device type {kernel!r} (only cpu and "
             f"cuda)", hint="impl='ref' runs the pure-PyTorch reference on any device")
     load_library()
     if kernel == "cuda":
         if not torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA"):
-            raise UnavailableError(
+            raise KernelUnavailableError(
                 "the CUDA kernel of deeprecon.cpp_ext was not built: torch had no CUDA or "
                 "nvcc was missing at install time (or DEEPRECON_NO_CUDA=1 was set)",
                 hint="on a machine with a CUDA build of torch and the CUDA toolkit (nvcc, "
@@ -227,5 +228,5 @@ def ncc_roi_loss(x: torch.Tensor, y: torch.Tensor, roi: torch.Tensor, *, window:
                                             float(lambda_roi), float(lambda_ncc))
 
 
-__all__ = ["ncc_roi_loss", "load_library", "kernels_available", "OP_NAME", "IMPLS",
-           "CUDA_MAX_WINDOW"]
+__all__ = ["ncc_roi_loss", "load_library", "kernels_available", "KernelUnavailableError",
+           "OP_NAME", "IMPLS", "CUDA_MAX_WINDOW"]

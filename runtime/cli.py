@@ -16,7 +16,8 @@ from typing import Optional
 import typer
 
 from deeprecon.runtime import __version__
-from deeprecon.runtime.errors import DeepreconError, ExitCode, UsageError
+from deeprecon.runtime.errors import (FOREIGN_ERRORS, DeepreconError, ExitCode, UsageError,
+                                      exit_code_of)
 
 log = logging.getLogger("deeprecon")
 
@@ -426,9 +427,9 @@ def _run(argv: list[str] | None) -> int:
         if _signal_seen:  # SIGTERM, which typer turned into "Aborted!"
             return _terminated()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.USAGE)
-    except DeepreconError as e:
+    except (DeepreconError, *FOREIGN_ERRORS) as e:  # FOREIGN_ERRORS: e.g. cpp_ext's, exit 69
         _error(str(e), exc=e)
-        return e.exit_code
+        return exit_code_of(e)
     except MemoryError as e:
         _error("out of memory: the study is too large for this machine's memory; "
                "process fewer phases at a time or use a machine with more memory", exc=e)

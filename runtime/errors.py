@@ -6,7 +6,8 @@ Exit codes (sysexits.h names), used across the whole CLI:
     2  USAGE        bad command line (wrong option, missing argument)
     65 DATAERR      bad input data (malformed DICOM, mixed series, missing slice, ...)
     66 NOINPUT      no input (path does not exist, folder holds no images)
-    69 UNAVAILABLE  backend, device, extension or model bundle unavailable
+    69 UNAVAILABLE  backend, device, extension or model bundle unavailable (also
+                    deeprecon.cpp_ext's KernelUnavailableError: see FOREIGN_EXIT_CODES)
     70 SOFTWARE     internal error (a bug: please report it)
     75 TEMPFAIL     out of memory (retry with a smaller batch or on another device)
     78 CONFIG       bad model bundle (a file changed or missing, unknown schema, a graph
@@ -17,6 +18,8 @@ Library code raises these; only the CLI turns them into exit codes.
 from __future__ import annotations
 
 from enum import IntEnum
+
+from deeprecon.cpp_ext.errors import KernelUnavailableError
 
 
 class ExitCode(IntEnum):
@@ -79,3 +82,19 @@ class BundleError(DeepreconError):
     manifest, a missing or unlisted file, an unknown schema, pickled code (exit 78)."""
 
     exit_code = ExitCode.BAD_BUNDLE
+
+
+#: Errors of parts of the package that do not depend on the runtime (so they are not
+#: DeepreconErrors), with the exit code the CLI returns for each.
+FOREIGN_EXIT_CODES: dict[type[Exception], ExitCode] = {
+    KernelUnavailableError: ExitCode.UNAVAILABLE,  # a cpp_ext kernel not built / not loading
+}
+FOREIGN_ERRORS = tuple(FOREIGN_EXIT_CODES)
+
+
+def exit_code_of(error: Exception) -> ExitCode:
+    """The exit code of a DeepreconError or of one of FOREIGN_ERRORS (INTERNAL otherwise)."""
+    if isinstance(error, DeepreconError):
+        return error.exit_code
+    return next((code for cls, code in FOREIGN_EXIT_CODES.items() if isinstance(error, cls)),
+                ExitCode.INTERNAL)

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeprecon.cpp_ext import (kernels_available, ncc_roi_loss, ncc_roi_loss_grouped_conv,
-                               ncc_roi_loss_reference)
+from deeprecon.cpp_ext import (KernelUnavailableError, kernels_available, ncc_roi_loss,
+                               ncc_roi_loss_grouped_conv, ncc_roi_loss_reference)
 from deeprecon.cpp_ext.reference import loss_and_grad
-from deeprecon.runtime.errors import ExitCode, UnavailableError
+from deeprecon.runtime.errors import ExitCode, exit_code_of
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "cpp_ext" / "csrc"
@@ -360,16 +360,20 @@ def test_reference_impl_takes_float64_and_gives_autograd_results():
 
 def test_no_kernel_for_other_devices_is_unavailable_not_a_fallback():
     x, y, roi = (t.to("meta") for t in make_inputs(1, 8, 8, 1))
-    with pytest.raises(UnavailableError, match="no compiled kernel for device type 'meta'"):
+    with pytest.raises(KernelUnavailableError,
+                       match="no compiled kernel for device type 'meta'") as e:
         ncc_roi_loss(x, y, roi)
+    assert exit_code_of(e.value) == ExitCode.UNAVAILABLE
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and not AVAILABLE["cuda"]),
                     reason="needs a CUDA device and a build without the CUDA kernel")
 def test_cuda_kernel_not_built_is_unavailable():
     x, y, roi = make_inputs(1, 8, 8, 1, device="cuda")
-    with pytest.raises(UnavailableError, match="CUDA kernel of deeprecon.cpp_ext was not built"):
+    with pytest.raises(KernelUnavailableError,
+                       match="CUDA kernel of deeprecon.cpp_ext was not built") as e:
         ncc_roi_loss(x, y, roi)
+    assert exit_code_of(e.value) == ExitCode.UNAVAILABLE
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -404,15 +408,15 @@ def test_missing_kernels_raise_unavailable_never_fall_back():
         "            raise ModuleNotFoundError('blocked', name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch\n"
-        "from deeprecon.cpp_ext import ncc_roi_loss, kernels_available\n"
-        "from deeprecon.runtime.errors import UnavailableError\n"
+        "from deeprecon.cpp_ext import ncc_roi_loss, kernels_available, KernelUnavailableError\n"
+        "from deeprecon.runtime.errors import exit_code_of\n"
         "x = torch.rand(1, 1, 8, 8)\n"
         "assert kernels_available() == {'cpu': False, 'cuda': False}\n"
         "for impl in ('auto', 'cpu'):\n"
         "    try:\n"
         "        ncc_roi_loss(x, x.clone(), torch.ones(1, 1, 8, 8), impl=impl)\n"
-        "    except UnavailableError as e:\n"
-        "        print(int(e.exit_code), str(e).splitlines()[0])\n"
+        "    except KernelUnavailableError as e:\n"
+        "        print(int(exit_code_of(e)), str(e).splitlines()[0])\n"
         "    else:\n"
         "        raise SystemExit('no error: a silent fallback')\n"
         "ncc_roi_loss(x, x.clone(), torch.ones(1, 1, 8, 8), impl='ref')\n")
@@ -423,6 +427,52 @@ def test_missing_kernels_raise_unavailable_never_fall_back():
     for line in lines:
         assert line.startswith(f"{int(ExitCode.UNAVAILABLE)} ")
         assert "deeprecon.cpp_ext (module _C) were not built" in line
+
+
+BLOCK_C = (
+    "import sys, importlib.abc\n"
+    "class Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'deeprecon.cpp_ext._C':\n"
+    "            raise ModuleNotFoundError('blocked', name=name)\n"
+    "sys.meta_path.insert(0, Block())\n")
+
+
+def test_missing_kernel_is_exit_69_through_the_cli(tiny_bundle, tmp_path):
+    """`reconstruct` on an installation without the compiled op: the runtime maps cpp_ext's
+    KernelUnavailableError to exit 69 with its message (and hint), no traceback, no output."""
+    study, out = tmp_path / "study", tmp_path / "out"
+    code = BLOCK_C + (
+        "from deeprecon.runtime.phantom import make_phantom, write_phantom\n"
+        "from deeprecon.runtime.cli import run\n"
+        "write_phantom(make_phantom(slices=3, phases=2, seed=0, matrix=(48, 48), "
+        f"pixel_spacing_mm=3.0), {str(study)!r}, preview=False)\n"
+        f"print(run(['reconstruct', {str(study)!r}, '-o', {str(out)!r}, '--bundle', "
+        f"{str(tiny_bundle)!r}, '--fast']))\n")
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == str(int(ExitCode.UNAVAILABLE)), p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("deeprecon-rt: error:")]
+    assert len(errors) == 1, p.stderr
+    assert "the compiled kernels of deeprecon.cpp_ext (module _C) were not built" in errors[0]
+    assert "hint:" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_cpp_ext_imports_nothing_from_the_runtime():
+    code = (
+        "import sys, torch\n"
+        "import deeprecon.cpp_ext as c\n"
+        "from deeprecon.cpp_ext import ops, reference, errors\n"
+        "x = torch.rand(1, 1, 8, 8)\n"
+        "c.ncc_roi_loss(x, x.clone(), torch.ones(1, 1, 8, 8), impl='ref')\n"
+        "c.kernels_available()\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('deeprecon.runtime'))\n"
+        "assert not bad, bad\n"
+        "print('ok')\n")
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "ok"
 
 
 # --- the CUDA kernel's code where no GPU is present ------------------------------------
