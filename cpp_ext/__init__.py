@@ -4,6 +4,7 @@
     loss, grad = ncc_roi_loss(x, y, roi, window=9)   # [B], [B, 1, H, W] = d loss_b / d y
 
 - `ncc_roi_loss`: the op (compiled CPU / CUDA kernels, or impl="ref"); see its docstring.
+- `ncc_roi_loss_np`: the same kernel on numpy arrays, without torch (`numpy_ops`).
 - `ncc_roi_loss_reference`: the pure-PyTorch specification (loss [B], by autograd).
 - `ncc_roi_loss_grouped_conv`: the same loss with one grouped convolution.
 - `load_library`, `kernels_available`: load / query the compiled kernels of the op.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "ncc_roi_loss": "ops",
     "load_library": "ops",
     "kernels_available": "ops",
+    "ncc_roi_loss_np": "numpy_ops",
     "KernelUnavailableError": "errors",
     "ncc_roi_loss_reference": "reference",
     "ncc_roi_loss_grouped_conv": "reference",

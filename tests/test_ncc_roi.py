@@ -463,7 +463,7 @@ def test_cpp_ext_imports_nothing_from_the_runtime():
     code = (
         "import sys, torch\n"
         "import deeprecon.cpp_ext as c\n"
-        "from deeprecon.cpp_ext import ops, reference, errors\n"
+        "from deeprecon.cpp_ext import ops, reference, numpy_ops, errors\n"
         "x = torch.rand(1, 1, 8, 8)\n"
         "c.ncc_roi_loss(x, x.clone(), torch.ones(1, 1, 8, 8), impl='ref')\n"
         "c.kernels_available()\n"

@@ -143,8 +143,13 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     assert "deeprecon.trainer.cli:app" in zipfile.ZipFile(wheels[0]).read(entry_points).decode()
     assert not any(n.startswith(("tests/", "benchmarks/", "deeprecon/tests")) for n in names)
     assert not any(n.endswith("setup.py") for n in names)
-    # the compiled kernel travels in the wheel (torch is installed here)
+    # the compiled kernels travel in the wheel (torch is installed here): the torch op
+    # and the torch-free library; their C++/CUDA sources do not
     assert any(n.startswith("deeprecon/cpp_ext/_C") and n.endswith((".so", ".pyd")) for n in names)
+    assert any(n.startswith("deeprecon/cpp_ext/_ncc_core") and n.endswith((".so", ".pyd"))
+               for n in names)
+    assert "deeprecon/cpp_ext/numpy_ops.py" in names
+    assert not [n for n in names if n.endswith((".cpp", ".cc", ".h", ".cu", ".cuh"))]
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                         str(target), str(wheels[0])], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -159,3 +164,14 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     study_file, bundle_dir = p.stdout.split()
     assert study_file.startswith(str(target))
     assert Path(bundle_dir) == (target / "deeprecon/runtime/models/reference").resolve()
+    # the installed torch-free library runs with torch blocked
+    p = _py(BLOCK_TORCH + f"sys.path.insert(0, {str(target)!r})\n"
+            "import numpy as np\n"
+            "from deeprecon.cpp_ext import numpy_ops\n"
+            "x = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)\n"
+            "loss, grad = numpy_ops.ncc_roi_loss_np(x, x[::-1].copy(), np.ones_like(x[:1]))\n"
+            "assert np.isfinite(loss).all() and grad.shape == x.shape\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(numpy_ops.library_path())", cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().startswith(str(target))
