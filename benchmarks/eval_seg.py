@@ -67,7 +67,7 @@ def _cpu() -> str:
 
 def _spacing(study) -> tuple[float, float, float]:
     """(slice spacing, row spacing, column spacing) in mm."""
-    gaps = study.geometry.slice_gaps()
+    gaps = study.geometry.slice_gaps
     dz = float(np.median(gaps)) if len(gaps) else float(study.geometry.slice_thickness or 1.0)
     return (dz, *map(float, study.geometry.pixel_spacing))
 
@@ -113,7 +113,7 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
              direct: Path | None, wseg: Path | None, batch: int | None = None) -> dict:
     rows: dict[str, dict] = {}
     rec = Reconstructor(bundle, backend="torch", device="cpu")
-    model = ModelConfig.from_dict(rec.bundle.manifest["model"])
+    model = ModelConfig.from_dict(rec.bundle.manifest["model"]["config"])
     dnet = wnet = None
     if direct is not None:
         dnet = load_networks(direct, {"Seg": lambda: UNet(model.unet)}, device=torch.device("cpu"))["Seg"]
@@ -147,6 +147,8 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
                                    "seconds": float(sum(res.timings.values())),
                                    "timings": res.timings, "image": q,
                                    "steps_taken_mean": float(np.mean(res.inversion["steps"]))}
+            entry.setdefault("_pictures", {})[name] = res.model_recon[:, S // 2]  # [P, R, R]
+            entry["_pictures"]["x"] = res.model_images[:, S // 2]
             if wnet is not None and k == max(steps):
                 probs = _probs(wnet, res.latents.reshape((P * S,) + res.latents.shape[2:]))
                 labels = transform.labels_to_native(probs.reshape(P, S, -1, R, R))
@@ -156,6 +158,7 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
         print(pid, {r: [round(v["metrics"][0][s]["dice"] or 0, 3) for s in STRUCTURES]
                     for r, v in entry["rows"].items()}, flush=True)
     rec.close()
+    pictures = {e["patient"]: e.pop("_pictures", {}) for e in per_patient}
     for entry in per_patient:
         for name, row in entry["rows"].items():
             rows.setdefault(name, {"volumes": [], "seconds": [], "image": []})
@@ -173,7 +176,36 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
         if r["image"]:
             s["image_roi"] = {m: _mean_sd([i[m] for i in r["image"]]) for m in ("psnr", "ssim")}
         summary[name] = s
-    return {"summary": summary, "patients": per_patient, "bundle": rec.bundle_info()}
+    return {"summary": summary, "patients": per_patient, "bundle": rec.bundle_info(),
+            "_pictures": pictures}
+
+
+def figure(pictures: dict, path: Path, n: int = 6) -> None:
+    """Mid-ventricular slices (ED, ES) of the first ``n`` patients: the real slice x,
+    then each method's rendering (G(E(x)) for K = 0, G(w*) for K > 0), one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pats = list(pictures)[:n]
+    rows = ["x"] + [k for k in pictures[pats[0]] if k != "x"]
+    cols = [(p, ph) for p in pats for ph in range(pictures[p]["x"].shape[0])]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.3 * len(cols), 1.4 * len(rows)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j, (p, ph) in enumerate(cols):
+            ax = axes[i, j]
+            ax.imshow(pictures[p][row][ph], cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{p[-3:]} {'ED' if ph == 0 else 'ES'}", fontsize=7)
+            if j == 0:
+                label = {"x": "real x", "DeepRecon_no": "G(E(x))"}.get(row, row.replace("DeepRecon_", "G(w*) K="))
+                ax.set_ylabel(label, fontsize=7)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:
@@ -208,6 +240,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_seg_acdc_val.json")
     ap.add_argument("--md", type=Path, help="also write the table as markdown here")
+    ap.add_argument("--figure", type=Path, help="a PNG of real vs G(E(x)) vs G(w*) mid slices")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data / "training" if (args.data / "training").is_dir() else args.data
@@ -229,6 +262,9 @@ def main() -> None:
         "git": _git(), "wall_s": round(time.time() - t0, 1),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    pictures = result.pop("_pictures")
+    if args.figure:
+        figure(pictures, args.figure)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
     table = markdown(result)

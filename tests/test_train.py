@@ -213,6 +213,18 @@ def test_resume_refuses_other_settings(phantoms, runs, tmp_path):
     from deeprecon.runtime.errors import UsageError
     with pytest.raises(UsageError, match="lr"):
         _train("seg-direct", out, phantoms, steps=4, resume=True, sets={"lr": "0.5"})
+    # a setting that a later version added resumes when it keeps its default ...
+    run_json = out / "run.json"
+    info = json.loads(run_json.read_text())
+    del info["config"]["affine"]
+    run_json.write_text(json.dumps(info))
+    _train("seg-direct", out, phantoms, steps=3, resume=True)
+    # ... and is refused when it would change what the run does
+    info = json.loads(run_json.read_text())
+    del info["config"]["affine"]
+    run_json.write_text(json.dumps(info))
+    with pytest.raises(UsageError, match="affine"):
+        _train("seg-direct", out, phantoms, steps=4, resume=True, sets={"affine": "true"})
 
 
 def test_train_without_torch_names_what_is_missing(tmp_path):
@@ -308,7 +320,7 @@ def test_joint_encoder_gan_resumes_exactly_warm_starts_and_feeds_the_encoder(pha
     from deeprecon.trainer.checkpoint import COMPACT_FILE, load_model, model_modules
     from deeprecon.trainer.networks import Encoder
 
-    sets = {"joint_encoder": "true"}
+    sets = {"joint_encoder": "true", "mixed_precision_cpu": "true"}  # bf16 on the CPU too
     straight = _train("gan", tmp_path / "straight", phantoms, steps=4, sets=sets)
     assert straight["steps"] == 4
     assert model_modules(tmp_path / "straight" / MODEL_FILE) == {"G", "E"}
@@ -328,6 +340,7 @@ def test_joint_encoder_gan_resumes_exactly_warm_starts_and_feeds_the_encoder(pha
     ct = load_file(str(compact))
     assert ct["module.G.synthesis.blocks.0.const"].dtype == torch.float16
     assert ct["module.G_ema.mapping.w_avg"].dtype == torch.float32
+    assert ct["module.augment.p"].dtype == torch.float32  # the augmentation state is exact
     assert not any(k.startswith(("optim.", "rng.")) for k in ct)  # no moments, no RNG
     warm = _train("gan", tmp_path / "warm", phantoms, steps=6, sets=sets, warm_start=compact)
     assert warm["steps"] == 6

@@ -241,16 +241,18 @@ COMPACT_FILE = "compact.safetensors"
 
 def save_compact(path: str | Path, step: int, *, stage: str, modules: Mapping[str, torch.nn.Module],
                  extra_tensors: Mapping[str, torch.Tensor] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> Path:
+                 extra: Mapping[str, Any] | None = None, exact: tuple[str, ...] = ()) -> Path:
     """A small state to continue training elsewhere (``train STAGE --warm-start FILE``):
-    every module's tensors in float16 (``w_avg`` and integer tensors exact), the
-    stage's extra tensors exact, its JSON state and the step. No optimizer moments and
-    no RNG: a warm start continues the run, it does not reproduce it bit for bit."""
+    every module's tensors in float16 (``w_avg``, integer tensors and the modules named
+    in ``exact``, e.g. the augmentation state, keep their dtype), the stage's extra
+    tensors exact, its JSON state and the step. No optimizer moments and no RNG: a warm
+    start continues the run, it does not reproduce it bit for bit."""
     tensors = {}
     for mname, module in modules.items():
         for key, value in module.state_dict().items():
             t = _contiguous_cpu(value)
-            if t.is_floating_point() and key.rsplit(".", 1)[-1] not in EXACT_BUFFERS:
+            if (t.is_floating_point() and mname not in exact
+                    and key.rsplit(".", 1)[-1] not in EXACT_BUFFERS):
                 t = t.to(torch.float16)
             tensors[f"module.{mname}.{key}"] = t
     for key, value in (extra_tensors or {}).items():

@@ -103,8 +103,13 @@ class RunContext:
                     raise UsageError(f"--resume: {self.run_dir} was a {key} "
                                      f"{old[key] if key == 'stage' else old[key]['name']!r} run; "
                                      f"this command asks for {record[key] if key == 'stage' else record[key]['name']!r}")
-            changed = sorted(k for k in set(old["config"]) | set(record["config"])
-                             if old["config"].get(k) != record["config"].get(k)
+            # A setting added after the run started counts as unchanged when it has its
+            # default value (the older code behaved as the default does).
+            defaults = {f.name: to_dict(f.default) for f in dataclasses.fields(cfg)
+                        if f.default is not dataclasses.MISSING}
+            was = {**{k: v for k, v in defaults.items() if k not in old["config"]}, **old["config"]}
+            changed = sorted(k for k in set(was) | set(record["config"])
+                             if was.get(k) != record["config"].get(k)
                              and k not in RESUMABLE_CHANGES)
             if changed:
                 raise UsageError(f"--resume: the stage settings {changed} differ from the run's "

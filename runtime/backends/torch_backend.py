@@ -76,7 +76,11 @@ class TorchBackend(Backend):
         self._device = resolve_torch_device(device)
         self.device = str(self._device)
         from deeprecon.cpp_ext import kernels_available, load_library
-        load_library()  # raises UnavailableError saying why the extension cannot load
+        from deeprecon.cpp_ext.errors import KernelUnavailableError
+        try:
+            load_library()
+        except KernelUnavailableError as e:  # the runtime's own error type for its callers
+            raise UnavailableError(e.message, hint=e.hint) from None
         kernels = kernels_available()
         need = "cuda" if self._device.type == "cuda" else "cpu"
         if not kernels.get(need, False):

@@ -56,7 +56,9 @@ class Config:
     betas as StyleGAN2 (0.0025, (0, 0.99)); r1_gamma as StyleGAN2-ADA's heuristic
     0.0002 * R^2 / batch; ema_kimg: half-life of the EMA of G in thousands of images;
     ada_*: ADA's target for E[sign(D(real))], update interval (steps) and speed;
-    mixed_precision: bfloat16 autocast for the forward passes on CUDA (ignored on CPU);
+    mixed_precision: bfloat16 autocast for the forward passes on CUDA;
+    mixed_precision_cpu: the same on the CPU (1.3-1.5x faster per joint step on an
+    AVX512-BF16 CPU, measured; off by default);
     joint_encoder: train E with G (see the module docstring), with Adam (lr_e, betas_e)
     and the reconstruction weights rec_l2, rec_lpips, rec_reg (the encoder stage's), on
     the first rec_batch slices of each rank's real batch (0: all of it)."""
@@ -77,6 +79,7 @@ class Config:
     ada_interval: int = 4
     ada_kimg: float = 100.0
     mixed_precision: bool = True
+    mixed_precision_cpu: bool = False
     sample_every: int = 500
     fd_every: int = 2000
     fd_samples: int = 1000
@@ -109,6 +112,8 @@ class Config:
 def _autocast(ctx: RunContext, cfg: Config):
     if cfg.mixed_precision and ctx.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cfg.mixed_precision_cpu and ctx.device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -219,7 +224,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                          modules={**modules, "augment": augment},
                          extra_tensors={"pl_mean": pl_mean,
                                         **{f"ada.{k}": v for k, v in ada.state_dict().items()}},
-                         extra={"nimg": nimg, "sampler": sampler.state_dict()})
+                         extra={"nimg": nimg, "sampler": sampler.state_dict()},
+                         exact=("augment",))
         barrier(dist)
 
     t0, last_fd, rec = time.perf_counter(), None, {}
@@ -239,12 +245,14 @@ def run(ctx: RunContext, cfg: Config) -> dict:
             with torch.no_grad():
                 E.w_avg.copy_(G.w_avg)
             x_rec = real[:cfg.rec_batch] if cfg.rec_batch > 0 else real
-            ws_e = E(x_rec)  # [b, L, C]
-            y = G.synthesis(ws_e)
-            loss_rec, rec = reconstruction_loss(x_rec, y, ws_e, G.w_avg, lpips,
-                                                lambda_l2=cfg.rec_l2, lambda_lpips=cfg.rec_lpips,
-                                                lambda_reg=cfg.rec_reg)
-            rec["psnr"] = psnr(x_rec, y.detach()).mean()
+            with _autocast(ctx, cfg):
+                ws_e = E(x_rec)  # [b, L, C]
+                y = G.synthesis(ws_e)
+                loss_rec, rec = reconstruction_loss(x_rec, y.float(), ws_e.float(), G.w_avg,
+                                                    lpips, lambda_l2=cfg.rec_l2,
+                                                    lambda_lpips=cfg.rec_lpips,
+                                                    lambda_reg=cfg.rec_reg)
+            rec["psnr"] = psnr(x_rec, y.detach().float()).mean()
             loss_total = loss_g + cfg.rec_weight * loss_rec
             opt_e.zero_grad(set_to_none=True)
         opt_g.zero_grad(set_to_none=True)
