@@ -11,6 +11,13 @@ for speed).
 
     python benchmarks/bench_train.py --preset small128 --device cpu
     python benchmarks/bench_train.py --preset base128 --device cuda --batch 32
+    python benchmarks/bench_train.py --preset cpu64 --stages gan --batch 32 --threads 1 2 \
+        --variants pure:joint_encoder=false joint: joint-bf16:mixed_precision_cpu=true
+
+``--variants NAME:KEY=VALUE,...`` times each stage once per variant (stage settings, as
+``train --set``), and ``--threads`` once per torch thread count, all in the same process
+and run, so that the figures compare. The ``cpu64`` default figures came from the last
+command above.
 
 Writes ``benchmarks/results/train_<preset>_<device>.json``.
 """
@@ -60,7 +67,14 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--phantoms", type=int, default=4, help="phantoms of 10 slices x 2 phases")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--variants", nargs="+", default=[":"],
+                    help="NAME:KEY=VALUE,... stage settings per variant (default: one, as configured)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     args = ap.parse_args()
+    variants = {}
+    for v in args.variants:
+        name, _, kvs = v.partition(":")
+        variants[name or "default"] = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
@@ -73,9 +87,9 @@ def main() -> None:
         shutil.copytree(data / "phantom0", one / "phantom0")
         runs: dict[str, Path] = {}
 
-        def run(stage: str, out: Path, steps: int) -> float:
+        def run(stage: str, out: Path, steps: int, extra: dict | None = None) -> float:
             inputs = {k: runs[k] for k in NEEDS.get(stage, ())}
-            sets = {}
+            sets = dict(extra or {})
             if stage == "latents":
                 sets["checkpoint_every"] = "1000"
             t0 = time.perf_counter()
@@ -95,20 +109,31 @@ def main() -> None:
                     run(need, runs[need], 1)
 
         results = {}
-        for stage in args.stages.split(","):
+        for stage in args.stages.split(","):  # warm-up: first-call costs stay out of the figures
             upstream(stage)
-            ta = run(stage, work / f"{stage}-a", args.steps_a)
-            tb = run(stage, work / f"{stage}-b", args.steps_b)
-            n_items = args.batch * (args.steps_b - args.steps_a)
-            if stage == "latents":
-                n_slices = json.loads((work / f"{stage}-b" / "summary.json").read_text())["n_slices"]
-                n_items = n_slices * (args.steps_b - args.steps_a)
-            ips = n_items / (tb - ta)
-            results[stage] = {"images_per_s": round(ips, 3), "seconds_a": round(ta, 2),
-                              "seconds_b": round(tb, 2),
-                              "unit": "slice-steps/s" if stage == "latents" else "images/s"}
-            print(f"{stage:10s} {ips:9.2f} {results[stage]['unit']}  "
-                  f"({args.steps_a} steps {ta:.1f} s, {args.steps_b} steps {tb:.1f} s)", flush=True)
+            run(stage, work / f"warmup-{stage}", 1, next(iter(variants.values())))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for vname, vsets in variants.items():
+                for stage in args.stages.split(","):
+                    upstream(stage)
+                    key = stage if len(variants) == 1 and len(args.threads) == 1 \
+                        else f"{stage}/{vname}/threads{threads}"
+                    tag = key.replace("/", "-")
+                    ta = run(stage, work / f"{tag}-a", args.steps_a, vsets)
+                    tb = run(stage, work / f"{tag}-b", args.steps_b, vsets)
+                    n_items = args.batch * (args.steps_b - args.steps_a)
+                    if stage == "latents":
+                        n_slices = json.loads((work / f"{tag}-b" / "summary.json").read_text())["n_slices"]
+                        n_items = n_slices * (args.steps_b - args.steps_a)
+                    ips = n_items / (tb - ta)
+                    results[key] = {"images_per_s": round(ips, 3), "seconds_a": round(ta, 2),
+                                    "seconds_b": round(tb, 2), "threads": threads,
+                                    "settings": vsets,
+                                    "unit": "slice-steps/s" if stage == "latents" else "images/s"}
+                    print(f"{key:30s} {ips:9.2f} {results[key]['unit']}  "
+                          f"({args.steps_a} steps {ta:.1f} s, {args.steps_b} steps {tb:.1f} s)",
+                          flush=True)
         record = {"benchmark": "train_throughput", "preset": args.preset, "device": args.device,
                   "device_name": _device_name(args.device), "batch": args.batch,
                   "steps": [args.steps_a, args.steps_b], "torch": torch.__version__,
