@@ -40,10 +40,11 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-from deeprecon.runtime.bundle import (BUNDLE_FORMAT, INVERSION_KEYS, MANIFEST, SCHEMA_VERSION,
+from deeprecon.runtime.bundle import (BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
                                       check_program_archive, graph_specs, load_bundle,
                                       sha256_file)
 from deeprecon.runtime.errors import BundleError, NoInputError, UsageError
+from deeprecon.runtime.inversion import InversionSettings
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
 
@@ -51,21 +52,9 @@ from .onnx import ExportVerificationError, export_program
 
 log = logging.getLogger(__name__)
 
-# The inversion defaults a bundle carries (the runtime may override them per call).
-INVERSION_DEFAULTS: dict[str, int | float] = {
-    "steps": 100,               # Adam steps per slice
-    "lr": 0.01,                 # Adam learning rate on w+
-    "lambda1": 1.0,             # LPIPS term
-    "lambda2": 0.5,             # ROI L2 term
-    "lambda3": 0.1,             # local NCC term
-    "ncc_window": 9,            # NCC box window side (odd, px)
-    "early_stop_patience": 10,  # steps without relative improvement before stopping
-    "early_stop_rel_tol": 1e-3,  # the relative improvement that counts
-    "roi_dilation_mm": 10.0,    # heart ROI dilation before the ROI L2 term
-    "batch": 64,                # slices inverted together
-}
-if set(INVERSION_DEFAULTS) != set(INVERSION_KEYS):  # pragma: no cover - a programming error
-    raise AssertionError("INVERSION_DEFAULTS and runtime.bundle.INVERSION_KEYS disagree")
+# The inversion defaults a bundle carries (the runtime may override them per call): those
+# of InversionSettings, the one definition of the settings, their meaning and ranges.
+INVERSION_DEFAULTS: dict[str, int | float] = InversionSettings().to_dict()
 
 # Verification of a saved program against its network (float32 on the CPU; the program
 # runs the same aten ops, so differences are at float rounding).
@@ -82,41 +71,11 @@ GRAPH_FILES = {g: {"torch_program": f"programs/{g}.pt2", "weights": f"weights/{g
 
 
 def inversion_settings(overrides: Mapping[str, Any] | None = None) -> dict[str, int | float]:
-    """INVERSION_DEFAULTS with ``overrides`` (values or strings from ``--set k=v``, parsed
-    to the default's type), checked: steps, ncc_window (odd >= 3), early_stop_patience
-    and batch >= 1; lr > 0; lambdas, early_stop_rel_tol and roi_dilation_mm >= 0.
-    UsageError for an unknown key or a bad value."""
-    out = dict(INVERSION_DEFAULTS)
-    for key, raw in (overrides or {}).items():
-        if key not in INVERSION_DEFAULTS:
-            raise UsageError(f"unknown inversion setting {key!r}",
-                             hint=f"known: {', '.join(INVERSION_DEFAULTS)}")
-        kind = type(INVERSION_DEFAULTS[key])
-        try:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            if kind is int and isinstance(raw, float):
-                if not raw.is_integer():
-                    raise ValueError(raw)
-                raw = int(raw)
-            out[key] = kind(raw)
-        except (TypeError, ValueError):
-            raise UsageError(f"inversion setting {key}={raw!r}: expected "
-                             f"{'an integer' if kind is int else 'a number'}") from None
-    problems = []
-    for key in ("steps", "early_stop_patience", "batch"):
-        if out[key] < 1:
-            problems.append(f"{key} must be >= 1 (got {out[key]})")
-    if out["ncc_window"] < 3 or out["ncc_window"] % 2 == 0:
-        problems.append(f"ncc_window must be odd and >= 3 (got {out['ncc_window']})")
-    if not out["lr"] > 0:
-        problems.append(f"lr must be > 0 (got {out['lr']})")
-    for key in ("lambda1", "lambda2", "lambda3", "early_stop_rel_tol", "roi_dilation_mm"):
-        if not out[key] >= 0 or out[key] == float("inf"):
-            problems.append(f"{key} must be a finite number >= 0 (got {out[key]})")
-    if problems:
-        raise UsageError("bad inversion settings: " + "; ".join(problems))
-    return out
+    """INVERSION_DEFAULTS with ``overrides`` (values, or strings from ``--set k=v``),
+    checked by :class:`~deeprecon.runtime.inversion.InversionSettings` (the ranges the
+    runtime and the bundle reader apply too: steps >= 0, so a bundle may default to no
+    inversion). UsageError for an unknown key or a bad value."""
+    return InversionSettings.parse(overrides).to_dict()
 
 
 def versions() -> dict[str, str]:

@@ -18,8 +18,10 @@ Identity and integrity. The bundle's identity is the SHA-256 of ``manifest.json`
 bytes (:attr:`Bundle.sha256`): the manifest pins every other file by its hash, so two
 bundles with the same manifest hash hold the same bytes. :func:`load_bundle` refuses
 (:class:`BundleError`, exit 78) a manifest that is not valid JSON or not a schema this
-version reads, a listed file that is missing or whose size or SHA-256 changed, and any
-file in the folder that the manifest does not list. An edit of the manifest itself
+version reads, inversion defaults that
+:class:`~deeprecon.runtime.inversion.InversionSettings` refuses (out of range, wrong
+type), a listed file that is missing or whose size or SHA-256 changed, and any file in
+the folder that the manifest does not list. An edit of the manifest itself
 that keeps it valid and consistent is, by construction, a different bundle (another
 identity): the run report records that identity.
 
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
+from deeprecon.runtime.inversion import LOSS_AND_GRAD, InversionSettings
 from deeprecon.runtime.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,13 +64,9 @@ BATCH = "batch"  # the name of the dynamic batch dimension in tensor shapes
 
 # The graphs every bundle has, in pipeline order.
 GRAPH_NAMES = ("encoder", "generator", "segmenter", "lpips")
-# The inversion settings a manifest must give (name -> type); the defaults live with the
-# exporter (deeprecon.export.bundle.INVERSION_DEFAULTS).
-INVERSION_KEYS: dict[str, type] = {
-    "steps": int, "lr": float, "lambda1": float, "lambda2": float, "lambda3": float,
-    "ncc_window": int, "early_stop_patience": int, "early_stop_rel_tol": float,
-    "roi_dilation_mm": float, "batch": int,
-}
+# The inversion settings a manifest must give (name -> int or float): the fields of
+# InversionSettings, which also holds their defaults and ranges.
+INVERSION_KEYS: dict[str, type] = InversionSettings.field_types()
 MANIFEST_KEYS = ("format", "schema_version", "name", "created", "model", "preprocess", "labels",
                  "inversion", "graphs", "files", "versions", "provenance")
 MODEL_KEYS = ("preset", "resolution", "num_ws", "w_dim", "config")
@@ -211,6 +210,29 @@ def graph_specs(*, resolution: int, num_ws: int, w_dim: int, n_classes: int
                       "outputs": [t("logits", [BATCH, n_classes, r, r])]},
         "lpips": {"inputs": [t("x", image), t("y", image)], "outputs": [t("distance", [BATCH])]},
     }
+
+
+def gradient_graph_specs(*, resolution: int, num_ws: int, w_dim: int
+                         ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The inputs and outputs of the graph the inversion runs over, in the format of
+    :func:`graph_specs`::
+
+        loss_and_grad: x, roi float32 [batch, 1, R, R], w float32 [batch, L, C]
+                       -> loss float32 [batch], grad float32 [batch, L, C] (dloss/dw)
+
+    with the loss weights (lambda1, lambda2, lambda3, ncc_window) as attributes
+    (:mod:`deeprecon.runtime.inversion`). Schema-1 manifests do not hold it: runners
+    compose it from the forward graphs (the torch runner by autograd through the
+    generator, the encoder and LPIPS).
+    """
+    image = [BATCH, 1, resolution, resolution]
+    w = [BATCH, num_ws, w_dim]
+
+    def t(name: str, shape: list) -> dict[str, Any]:
+        return {"name": name, "dtype": "float32", "shape": list(shape)}
+
+    return {LOSS_AND_GRAD: {"inputs": [t("x", image), t("roi", image), t("w", w)],
+                            "outputs": [t("loss", [BATCH]), t("grad", w)]}}
 
 
 # ----------------------------------------------------------------------------- files
@@ -581,6 +603,11 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
     inversion = _need(m, "inversion", dict, where)
     for key, kind in INVERSION_KEYS.items():
         _need(inversion, key, (int, float) if kind is float else kind, f"{where} inversion")
+    try:
+        InversionSettings.from_manifest(inversion)
+    except UsageError as e:
+        raise BundleError(f"{where}: bad inversion defaults: {e.message}",
+                          hint=_EXPORT_HINT) from None
 
     files = _need(m, "files", dict, where)
     for rel, entry in files.items():
@@ -674,6 +701,7 @@ def default_bundle_path() -> Path:
 
 __all__ = ["BUNDLE_FORMAT", "SCHEMA_VERSION", "MANIFEST", "BATCH", "GRAPH_NAMES",
            "INVERSION_KEYS", "TensorSpec", "GraphSpec", "Bundle", "load_bundle",
-           "graph_specs", "check_program_archive", "sha256_file", "default_bundle_path",
+           "graph_specs", "gradient_graph_specs", "check_program_archive", "sha256_file",
+           "default_bundle_path",
            "SHIPPED_BUNDLE", "BUNDLE_ENV",
            "dtype_name"]
