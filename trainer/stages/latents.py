@@ -1,15 +1,17 @@
 """Stage ``latents``: the latent bank, by hybrid inversion of every training slice.
 
 For each slice x (with its heart ROI), w+ starts at E(x) and takes ``steps`` Adam
-steps on the paper's loss::
+steps on the paper's loss, the runtime's inversion loss
+(:func:`deeprecon.runtime.inversion.hybrid_loss`, with x's LPIPS features computed
+once)::
 
     lambda1 * (LPIPS(x, G(w)) + ROI-L2(x, G(w))) - lambda2 * NCC_local(x, G(w))
         + lambda3 * mean((w - E(G(w)))^2)
 
-The ROI-L2 and local-NCC terms (and their gradient) come from the fused op
-``deeprecon.cpp_ext.ncc_roi_loss`` (window ``ncc_window``). Each image's loss is
-independent of the others in its batch (summed, so Adam's per-element steps are the
-same as for one image at a time).
+Each image's loss is independent of the others in its batch (summed, so Adam's
+per-element steps are the same as for one image at a time). The loss weights and the
+learning rate default to the runtime's (:class:`deeprecon.runtime.inversion.
+InversionSettings`); there is no early stop here.
 
 Writes into the run folder:
 - ``slices.safetensors``: the training slices (images, labels, ROI, ids), the
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deeprecon.cpp_ext import ncc_roi_loss
+from deeprecon.runtime.inversion import InversionSettings, hybrid_loss
 
 from ..checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
                           save_safetensors_atomic)
@@ -46,15 +48,18 @@ SLICES_FILE = "slices.safetensors"
 BANK_FILE = "latents.safetensors"
 
 
+_RUNTIME = InversionSettings()
+
+
 @dataclass(frozen=True)
 class Config:
-    steps: int = 100
+    steps: int = _RUNTIME.steps
     batch: int = 32
-    lr: float = 0.01
-    lambda1: float = 1.0
-    lambda2: float = 0.5
-    lambda3: float = 0.1
-    ncc_window: int = 9
+    lr: float = _RUNTIME.lr
+    lambda1: float = _RUNTIME.lambda1
+    lambda2: float = _RUNTIME.lambda2
+    lambda3: float = _RUNTIME.lambda3
+    ncc_window: int = _RUNTIME.ncc_window
     checkpoint_every: int = 10
     seed: int = 0
 
@@ -76,12 +81,14 @@ def invert(G: Generator, E: Encoder, lpips, x: torch.Tensor, roi: torch.Tensor, 
         x_features = lpips.reference_features(x)  # x is fixed: its LPIPS features once
     w = w_init.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
+
+    def lpips_to_x(y: torch.Tensor) -> torch.Tensor:
+        return lpips.distance_to(x_features, y)  # [B]
+
     for _ in range(cfg.steps):
-        y = G(w)
-        roi_ncc, _ = ncc_roi_loss(x, y, roi, window=cfg.ncc_window, lambda_roi=cfg.lambda1,
-                                  lambda_ncc=cfg.lambda2)  # [B]
-        loss = (cfg.lambda1 * lpips.distance_to(x_features, y) + roi_ncc
-                + cfg.lambda3 * (w - E(y)).square().mean(dim=(1, 2)))
+        loss, _ = hybrid_loss(w, x, roi, generator=G, encoder=E, lpips_to_x=lpips_to_x,
+                              lambda1=cfg.lambda1, lambda2=cfg.lambda2, lambda3=cfg.lambda3,
+                              ncc_window=cfg.ncc_window)  # [B]
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
