@@ -17,7 +17,7 @@ Stages (each timed into ``Result.timings``)::
   disc of ``FALLBACK_ROI_RADIUS_MM`` around the crop centre (the heart localisation).
   Pixels outside the native field of view never count.
 - invert: K steps of Adam on w+ per image with the paper's loss (see
-  :class:`~.backends.InversionSettings`), early stop on a plateau; K = 0 keeps E(x).
+  :class:`~.inversion.InversionSettings`), early stop on a plateau; K = 0 keeps E(x).
 - segment: Seg(G(w*)) as class probabilities; map_back: onto the native grid (linear
   resampling of the probabilities, argmax).
 - interpolate: between neighbouring slices i, i+1, the codes

@@ -21,6 +21,7 @@ CORE_MODULES = [
     "deeprecon.runtime.qc", "deeprecon.runtime.cli", "deeprecon.runtime.bundle",
     "deeprecon.runtime.result", "deeprecon.runtime.backends", "deeprecon.runtime.pipeline",
     "deeprecon.runtime.motion", "deeprecon.runtime.outputs", "deeprecon.runtime.report",
+    "deeprecon.runtime.inversion", "deeprecon.runtime.backends.base",
 ]
 
 BLOCK_TORCH = """

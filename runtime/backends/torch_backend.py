@@ -1,34 +1,32 @@
-"""The torch backend: the bundle's ``torch.export`` programs on the CPU or a CUDA device.
+"""The torch runner: the bundle's ``torch.export`` programs on the CPU or a CUDA device.
 
-Differentiable, so the inversion runs by autograd through G, E and LPIPS, with the ROI-L2
-and local-NCC terms (and their gradient) from the fused op
-:func:`deeprecon.cpp_ext.ncc_roi_loss` (its compiled CPU or CUDA kernel; a missing kernel
-is an error, never a silent fallback to the reference).
+Differentiable, so it composes the ``loss_and_grad`` graph by autograd through G, E and
+LPIPS (:func:`deeprecon.runtime.inversion.hybrid_loss`), with the ROI-L2 and local-NCC
+terms (and their gradient) from the fused op :func:`deeprecon.cpp_ext.ncc_roi_loss` (its
+compiled CPU or CUDA kernel; a missing kernel is an error, never a silent fallback to
+the reference).
 
-The inversion optimises every image of a batch together, with Adam written out here so
-that each image has its own step count and can stop on its own: an image whose loss
-has not improved by ``early_stop_rel_tol`` for ``early_stop_patience`` steps leaves the
-batch (later steps compute only the images still moving) and keeps its best code.
-Adam's update of one image depends only on that image's gradients, so the results do
-not depend on which other images share the batch.
+Its inversion is the shared loop (:func:`deeprecon.runtime.inversion.optimise`) run on
+torch tensors that stay on the device (images, ROI, codes and Adam state), through
+:class:`TorchOps`: the same steps, losses and codes as the loop on the host over
+``run("loss_and_grad")``, without copying the batch to and from the device at every
+step.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..errors import UnavailableError, UsageError
-from .base import Backend, Inversion, InversionSettings, Progress
+from ..inversion import (LOSS_AND_GRAD, ArrayOps, Inversion, InversionSettings, Progress,
+                         hybrid_loss, invert, optimise)
+from .base import Runner
 
 log = logging.getLogger(__name__)
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-EVAL_BATCH = 32  # images per forward pass outside the inversion
 
 
 def _import_torch():
@@ -64,15 +62,65 @@ def resolve_torch_device(device: str):
     return torch.device("cuda", index)
 
 
-class TorchBackend(Backend):
-    """Runs the bundle's torch.export programs (encoder, generator, segmenter, lpips)."""
+class TorchOps(ArrayOps):
+    """:class:`~deeprecon.runtime.inversion.ArrayOps` on torch tensors on one device."""
+
+    _DTYPES = ("float32", "float64", "int64", "bool")
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+        self.dtypes = {n: getattr(torch, n) for n in self._DTYPES}
+
+    def from_numpy(self, a: np.ndarray):
+        """A float32 tensor on the device (it may share memory with ``a`` on the CPU)."""
+        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return a.cpu().numpy()
+
+    def zeros(self, n, dtype):
+        return self.torch.zeros(n, dtype=self.dtypes[dtype], device=self.device)
+
+    def full(self, n, value, dtype):
+        return self.torch.full((n,), value, dtype=self.dtypes[dtype], device=self.device)
+
+    def zeros_like(self, a):
+        return self.torch.zeros_like(a)
+
+    def copy(self, a):
+        return a.clone()
+
+    def nonzero(self, mask):
+        return mask.nonzero().squeeze(1)
+
+    def astype(self, a, dtype):
+        return a.to(self.dtypes[dtype])
+
+    def where(self, cond, a, b):
+        return self.torch.where(cond, a, b)
+
+    def sqrt(self, a):
+        # float32 sqrt on the CPU (AVX-512) is off by one ulp for about a fifth of the
+        # values; through float64 it is correctly rounded, as numpy's (tiny arrays here)
+        return a.double().sqrt().to(a.dtype)
+
+    def clamp_min(self, a, value):
+        return a.clamp_min(value)
+
+    def isfinite(self, a):
+        return self.torch.isfinite(a)
+
+
+class TorchRunner(Runner):
+    """Runs the bundle's torch.export programs (encoder, generator, segmenter, lpips) and
+    composes ``loss_and_grad`` from them."""
 
     name = "torch"
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
+        super().__init__(bundle)
         torch = _import_torch()
         self.torch = torch
-        self.bundle = bundle
         self._device = resolve_torch_device(device)
         self.device = str(self._device)
         from deeprecon.cpp_ext import kernels_available, load_library
@@ -92,168 +140,67 @@ class TorchBackend(Backend):
         self.programs = {}
         for graph in ("encoder", "generator", "segmenter"):
             self.programs[graph] = bundle.load_program(graph, device=self.device)
-        self._lpips = None  # loaded on the first inversion with steps > 0
-        log.debug("torch backend: programs loaded on %s in %.2f s", self.device,
+        # lpips is loaded on the first call that needs it (an inversion with steps > 0)
+        self.ops = TorchOps(torch, self._device)
+        log.debug("torch runner: programs loaded on %s in %.2f s", self.device,
                   time.perf_counter() - t0)
 
-    # -- helpers ------------------------------------------------------------------
     def _program(self, graph: str):
-        if graph == "lpips" and graph not in self.programs:
-            self.programs["lpips"] = self.bundle.load_program("lpips", device=self.device)
+        if graph not in self.programs:
+            self.programs[graph] = self.bundle.load_program(graph, device=self.device)
         return self.programs[graph]
 
-    def _tensor(self, a: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self._device)
+    # -- the hook -------------------------------------------------------------------
+    def _run_impl(self, graph: str, feeds: Mapping[str, np.ndarray],
+                  attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        spec = self.graph_spec(graph)
+        args = [self.ops.from_numpy(feeds[t.name]) for t in spec.inputs]
+        if graph == LOSS_AND_GRAD:
+            outs = self._loss_and_grad(*args, **attrs)
+        else:
+            with self.torch.no_grad():
+                y = self._program(graph)(*args)
+            outs = (y,) if isinstance(y, self.torch.Tensor) else tuple(y)
+        return {t.name: o.detach().float().cpu().numpy() for t, o in zip(spec.outputs, outs)}
 
-    def _batched(self, graph: str, array: np.ndarray, *, progress: Progress, stage: str,
-                 post=None) -> np.ndarray:
-        spec = self.bundle.graphs[graph]
-        spec.check_feeds({spec.inputs[0].name: array})
-        torch = self.torch
-        prog = self._program(graph)
-        outs = []
-        n = len(array)
-        with torch.no_grad():
-            for i in range(0, n, EVAL_BATCH):
-                y = prog(self._tensor(array[i:i + EVAL_BATCH]))
-                if post is not None:
-                    y = post(y)
-                outs.append(y.float().cpu().numpy())
-                if progress is not None:
-                    progress(stage, min(i + EVAL_BATCH, n), n)
-        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+    def _loss(self, x, roi, w, *, lambda1, lambda2, lambda3, ncc_window):
+        """hybrid_loss over the bundle's programs: (loss [k], G(w)), tensors on the device."""
+        lpips = self._program("lpips")
+        return hybrid_loss(w, x, roi, generator=self._program("generator"),
+                           encoder=self._program("encoder"), lpips_to_x=lambda y: lpips(x, y),
+                           lambda1=lambda1, lambda2=lambda2, lambda3=lambda3,
+                           ncc_window=ncc_window)
 
-    # -- contract -----------------------------------------------------------------
-    def encode(self, images: np.ndarray, *, progress: Progress = None) -> np.ndarray:
-        return self._batched("encoder", images, progress=progress, stage="encode")
+    def _loss_and_grad(self, x, roi, w, **weights):
+        """(loss [k], dloss/dw [k, L, C]): the loss_and_grad graph on device tensors."""
+        wa = w.detach().clone().requires_grad_(True)
+        loss, _ = self._loss(x, roi, wa, **weights)
+        (grad,) = self.torch.autograd.grad(loss.sum(), [wa])
+        return loss.detach(), grad
 
-    def render(self, w: np.ndarray, *, progress: Progress = None) -> np.ndarray:
-        return self._batched("generator", w, progress=progress, stage="render")
-
-    def segment(self, images: np.ndarray, *, progress: Progress = None) -> np.ndarray:
-        return self._batched("segmenter", images, progress=progress, stage="segment",
-                             post=lambda t: t.softmax(dim=1))
-
-    def render_and_segment(self, w: np.ndarray, *, progress: Progress = None
-                           ) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.bundle.graphs["generator"]
-        spec.check_feeds({spec.inputs[0].name: w})
-        torch = self.torch
-        G, S = self._program("generator"), self._program("segmenter")
-        imgs, probs = [], []
-        n = len(w)
-        with torch.no_grad():
-            for i in range(0, n, EVAL_BATCH):
-                y = G(self._tensor(w[i:i + EVAL_BATCH]))
-                imgs.append(y.float().cpu().numpy())
-                probs.append(S(y).softmax(dim=1).float().cpu().numpy())
-                if progress is not None:
-                    progress("render", min(i + EVAL_BATCH, n), n)
-        return np.concatenate(imgs), np.concatenate(probs)
-
+    # -- the on-device inversion ------------------------------------------------------
     def invert(self, x: np.ndarray, roi: np.ndarray, w0: np.ndarray, settings: InversionSettings,
                *, progress: Progress = None) -> Inversion:
-        n = len(x)
-        for name, a, shape in (("roi", roi, x.shape), ("w0", w0, (n,) + tuple(w0.shape[1:]))):
-            if tuple(a.shape) != tuple(shape):
-                raise UsageError(f"invert: {name} has shape {tuple(a.shape)}, expected {shape}")
-        self.bundle.graphs["encoder"].check_feeds({"image": x})
-        self.bundle.graphs["generator"].check_feeds({"w": w0})
-        if settings.steps == 0:
-            recon = self.render(w0)
-            nan = np.full(n, np.nan)
-            return Inversion(w=np.asarray(w0, np.float32), recon=recon,
-                             steps=np.zeros(n, np.int64), loss_init=nan, loss=nan.copy(),
-                             stopped_early=np.zeros(n, bool))
-        parts = []
-        n_chunks = -(-n // settings.batch)
-        for k, i in enumerate(range(0, n, settings.batch)):
-            sl = slice(i, i + settings.batch)
-            parts.append(self._invert_batch(x[sl], roi[sl], w0[sl], settings,
-                                            progress=progress, chunk=(k, n_chunks)))
-        return Inversion(**{k: np.concatenate([getattr(p, k) for p in parts])
-                            for k in ("w", "recon", "steps", "loss_init", "loss",
-                                      "stopped_early")})
+        return invert(self, x, roi, w0, settings, progress=progress,
+                      optimise_chunk=self._optimise_on_device)
 
-    def _invert_batch(self, x, roi, w0, s: InversionSettings, *, progress, chunk):
-        from deeprecon.cpp_ext import ncc_roi_loss
+    def _optimise_on_device(self, x, roi, w0, s: InversionSettings, *, progress, chunk
+                            ) -> dict[str, np.ndarray]:
+        """:func:`optimise` with the batch, the codes and Adam's state on the device."""
+        ops, torch = self.ops, self.torch
+        weights = s.loss_weights()
 
-        torch = self.torch
-        G, E = self._program("generator"), self._program("encoder")
-        lpips = self._program("lpips")
-        xt, rt = self._tensor(x), self._tensor(roi)
-        w = self._tensor(w0).clone()
-        n = len(x)
-        m = torch.zeros_like(w)
-        v = torch.zeros_like(w)
-        t_img = torch.zeros(n, dtype=torch.long, device=self._device)
-        best = torch.full((n,), float("inf"), dtype=torch.float64, device=self._device)
-        best_w = w.clone()
-        since = torch.zeros(n, dtype=torch.long, device=self._device)
-        active = torch.ones(n, dtype=torch.bool, device=self._device)
-        loss_init = torch.full((n,), float("nan"), dtype=torch.float64, device=self._device)
-        b1, b2 = ADAM_BETAS
-        stopped = torch.zeros(n, dtype=torch.bool, device=self._device)
-        for step in range(s.steps):
-            idx = active.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            wa = w[idx].clone().requires_grad_(True)
-            xa = xt[idx]
-            y = G(wa)
-            roi_ncc, _ = ncc_roi_loss(xa, y.contiguous(), rt[idx], window=s.ncc_window,
-                                      lambda_roi=s.lambda1, lambda_ncc=s.lambda2)
-            loss = (s.lambda1 * lpips(xa, y) + roi_ncc
-                    + s.lambda3 * (wa - E(y)).square().mean(dim=(1, 2)))
-            (grad,) = torch.autograd.grad(loss.sum(), [wa])
+        def loss_only(xa, ra, wa):
             with torch.no_grad():
-                lv = loss.detach().double()
-                if step == 0:
-                    loss_init[idx] = lv
-                # the loss is that of the code *before* this step's update
-                improved = (best[idx] - lv) > s.early_stop_rel_tol * best[idx].abs().clamp_min(1e-8)
-                improved |= ~torch.isfinite(best[idx])
-                bi = idx[improved]
-                best[bi] = lv[improved]
-                best_w[bi] = w[bi]
-                since[idx] = torch.where(improved, torch.zeros_like(since[idx]), since[idx] + 1)
-                # Adam, per image
-                t_img[idx] += 1
-                ma = m[idx].mul_(b1).add_(grad, alpha=1 - b1)
-                va = v[idx].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                m[idx], v[idx] = ma, va
-                tt = t_img[idx].double()
-                c1 = (1 - b1 ** tt).float().view(-1, 1, 1)
-                c2 = (1 - b2 ** tt).float().view(-1, 1, 1)
-                w[idx] = w[idx] - s.lr * (ma / c1) / ((va / c2).sqrt() + ADAM_EPS)
-                if s.early_stop_patience > 0:
-                    done = since[idx] >= s.early_stop_patience
-                    active[idx[done]] = False
-                    stopped[idx[done]] = True
-            if progress is not None:  # over all chunks of this call
-                progress("invert", chunk[0] * s.steps + step + 1, chunk[1] * s.steps)
-        if progress is not None:  # every image of the chunk may have stopped early
-            progress("invert", (chunk[0] + 1) * s.steps, chunk[1] * s.steps)
-        with torch.no_grad():
-            # images that ran every step: their last code has not been scored yet
-            last = active.nonzero().squeeze(1)
-            if last.numel():
-                y = G(w[last])
-                roi_ncc, _ = ncc_roi_loss(xt[last], y.contiguous(), rt[last],
-                                          window=s.ncc_window, lambda_roi=s.lambda1,
-                                          lambda_ncc=s.lambda2)
-                lv = (s.lambda1 * lpips(xt[last], y) + roi_ncc
-                      + s.lambda3 * (w[last] - E(y)).square().mean(dim=(1, 2))).double()
-                better = lv < best[last]
-                bi = last[better]
-                best[bi] = lv[better]
-                best_w[bi] = w[bi]
-            recon = torch.cat([G(best_w[i:i + EVAL_BATCH]) for i in range(0, n, EVAL_BATCH)])
-        log.debug("inversion chunk %d/%d: %d images, %d stopped early, mean steps %.1f",
-                  chunk[0] + 1, chunk[1], n, int(stopped.sum()), float(t_img.double().mean()))
-        return Inversion(w=best_w.float().cpu().numpy(), recon=recon.float().cpu().numpy(),
-                         steps=t_img.cpu().numpy(), loss_init=loss_init.cpu().numpy(),
-                         loss=best.cpu().numpy(), stopped_early=stopped.cpu().numpy())
+                return self._loss(xa, ra, wa, **weights)[0]
+
+        def loss_and_grad(xa, ra, wa):
+            return self._loss_and_grad(xa, ra, wa, **weights)
+
+        out = optimise(loss_and_grad, ops.from_numpy(x), ops.from_numpy(roi),
+                       ops.from_numpy(w0), s, loss=loss_only, ops=ops, progress=progress,
+                       chunk=chunk)
+        return {k: ops.to_numpy(v) for k, v in out.items()}
 
     def info(self) -> dict[str, Any]:
         torch = self.torch
@@ -271,4 +218,7 @@ class TorchBackend(Backend):
             self.torch.cuda.empty_cache()
 
 
-__all__ = ["TorchBackend", "resolve_torch_device"]
+#: the name earlier versions gave the torch runner
+TorchBackend = TorchRunner
+
+__all__ = ["TorchRunner", "TorchBackend", "TorchOps", "resolve_torch_device"]
