@@ -230,10 +230,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "acdc")
-    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--bundle", type=Path, required=True,
+                    help="the bundle of the DeepRecon rows (its preprocessing is used by every row)")
     ap.add_argument("--direct", type=Path, help="a finished seg-direct run (DirectSeg row)")
     ap.add_argument("--wseg", type=Path, help="a finished wseg run (W+SegNet row)")
-    ap.add_argument("--steps", type=int, nargs="+", default=[0, 20, 100])
+    ap.add_argument("--steps", type=int, nargs="*", default=[0, 20, 100],
+                    help="K of the DeepRecon rows (none: only DirectSeg / W+SegNet rows)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--max-patients", type=int)
     ap.add_argument("--batch", type=int, help="inversion batch (default: the bundle's)")
@@ -263,7 +265,7 @@ def main() -> None:
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     pictures = result.pop("_pictures")
-    if args.figure:
+    if args.figure and pictures and all(pictures.values()):
         figure(pictures, args.figure)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(json_safe(result), indent=1) + "\n")

@@ -145,12 +145,13 @@ class RunContext:
         self.data_sha256 = data.fingerprint
         return data
 
-    def lpips(self):
-        """The frozen LPIPS network on this run's device."""
+    def lpips(self, layers: int | None = None):
+        """The frozen LPIPS network on this run's device, over the preset's
+        ``lpips_layers`` (or ``layers``, e.g. 5 for the features of the Frechet distance)."""
         from .lpips import load_lpips
 
         return load_lpips(device=self.device, weights_path=self.lpips_weights,
-                          layers=self.model.lpips_layers)
+                          layers=self.model.lpips_layers if layers is None else layers)
 
     def tick(self, step: int, total: int) -> None:
         if self.progress is not None and self.is_main:

@@ -40,6 +40,9 @@ def fd_features_alex(net):
     """Feature function [B, 1, H, W] -> [B, 256]: the relu5 map of the shift-tolerant
     LPIPS AlexNet ``net``, global-average pooled (the GAN stage's Frechet distance)."""
 
+    if net.layers != 5:
+        raise ValueError(f"the Frechet distance uses relu5: LPIPS built with {net.layers} layers")
+
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
         return net.features(images)[-1].mean(dim=(2, 3))

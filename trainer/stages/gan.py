@@ -184,7 +184,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         broadcast_module(E, dist)
 
     fixed_z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    fd_net = fd_features_alex(ctx.lpips()) if ctx.is_main else None
+    fd_net = fd_features_alex(ctx.lpips(layers=5)) if ctx.is_main else None  # relu5, any preset
     decorrelate_rng(cfg.seed, dist)
     # Resume last: building anything above draws from the RNG that the checkpoint restores.
     if ctx.resume:
