@@ -446,3 +446,57 @@ def _write_non_image(path: Path) -> None:
     ds.Modality = "SR"
     ds.SeriesInstanceUID = generate_uid()
     ds.save_as(path, enforce_file_format=True)
+
+
+# --------------------------------------------------------------------------- hostile headers
+def _break_one(folder: Path, mutate) -> Path:
+    """Write a 4-slice x 2-phase series and apply ``mutate(ds)`` to one file (phase 1,
+    slice 2), saved as it is (no format enforcement). Returns the broken file."""
+    study = synthetic_study(phases=2, slices=4, rows=16, cols=16)
+    paths = write_dicom_series(study, folder)
+    path = paths[2 * 2 + 1]
+    ds = pydicom.dcmread(path)
+    mutate(ds)
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+@pytest.mark.parametrize("name, mutate, phrase", [
+    ("ps_nan", lambda ds: setattr(ds, "PixelSpacing", ["nan", "1"]), "PixelSpacing"),
+    ("ps_zero", lambda ds: setattr(ds, "PixelSpacing", ["0", "0"]), "PixelSpacing"),
+    ("ps_inf", lambda ds: setattr(ds, "PixelSpacing", ["inf", "1"]), "PixelSpacing"),
+    ("ps_tiny", lambda ds: setattr(ds, "PixelSpacing", ["1e-30", "1e-30"]), "PixelSpacing"),
+    ("iop_huge", lambda ds: setattr(ds, "ImageOrientationPatient", ["1e308"] * 6),
+     "ImageOrientationPatient"),
+    ("iop_skew", lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0.3, 0.95, 0]),
+     "orthonormal"),
+    ("ipp_nan", lambda ds: setattr(ds, "ImagePositionPatient", ["nan", "0", "0"]),
+     "ImagePositionPatient"),
+    ("thick_nan", lambda ds: setattr(ds, "SliceThickness", "nan"), "SliceThickness"),
+    ("thick_neg", lambda ds: setattr(ds, "SliceThickness", "-3"), "SliceThickness"),
+    ("tt_inf", lambda ds: setattr(ds, "TriggerTime", "inf"), "TriggerTime"),
+    ("tt_nan", lambda ds: setattr(ds, "TriggerTime", "nan"), "TriggerTime"),
+    ("rows_huge", lambda ds: setattr(ds, "Rows", 60000), "Rows"),
+    ("cols_minus_one", lambda ds: setattr(ds, "Columns", 15), "PixelData"),
+    ("pixels_doubled", lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), "PixelData"),
+])
+def test_hostile_header_values_are_refused(tmp_path, name, mutate, phrase):
+    """Each broken value: InvalidStudyError (65) naming the file and the tag."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # pydicom warns about invalid DS values
+        path = _break_one(tmp_path / name, mutate)
+    err = expect(Exception, lambda: load_dicom(tmp_path / name), phrase, code=65)
+    assert path.name in str(err)
+
+
+def test_unknown_transfer_syntax_and_frame_count(tmp_path):
+    def ts(ds):
+        ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+    path = _break_one(tmp_path / "ts", ts)
+    expect(UnsupportedTransferSyntaxError, lambda: load_dicom(tmp_path / "ts"),
+           "TransferSyntaxUID", path.name, code=65)
+    # NumberOfFrames far beyond the file: skipped as unreadable before any allocation,
+    # then the missing image is a phase-count error (65)
+    _break_one(tmp_path / "nf", lambda ds: setattr(ds, "NumberOfFrames", 999_999_999))
+    expect(PhaseCountMismatchError, lambda: load_dicom(tmp_path / "nf"), "unreadable", code=65)

@@ -288,3 +288,54 @@ def test_nifti_time_spacing_units(tmp_path):
     np.testing.assert_allclose(load_study(tmp_path / "s").trigger_times, [0.0, 45.0, 90.0])
     _write_4d(tmp_path / "u", dt=1.0, with_labels=False)
     assert np.all(np.isnan(load_study(tmp_path / "u").trigger_times))
+
+
+# --------------------------------------------------------------------------- hostile headers
+def _patched_nifti(path: Path, patches, dtype=np.int16) -> Path:
+    """A 4D NIfTI-1 (2 phases x 4 slices x 8 x 8) with raw header bytes overwritten:
+    patches = [(offset, struct format, value)]."""
+    import struct
+    a = (np.arange(2 * 4 * 8 * 8).reshape(2, 4, 8, 8) % 50).astype(dtype)
+    img = sitk.GetImageFromArray(a, isVector=False)
+    img.SetSpacing((1.5, 1.5, 8.0, 40.0))
+    sitk.WriteImage(img, str(path))
+    b = bytearray(path.read_bytes())
+    for off, fmt, v in patches:
+        struct.pack_into(fmt, b, off, v)
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.parametrize("name, patches, phrase", [
+    ("pixdim0", [(80, "<f", 0.0)], "pixdim[1]"),
+    ("pixdim_nan", [(88, "<f", float("nan"))], "pixdim[3]"),
+    ("dim_neg", [(46, "<h", -5)], "dim[3]"),
+    ("sform_nan", [(280 + 4 * k, "<f", float("nan")) for k in range(12)], "srow"),
+    ("sform_skew", [(280, "<f", 1.0), (284, "<f", 1.0)], "srow"),
+    ("qoffset_inf", [(268, "<f", float("inf"))], "qoffset"),
+])
+def test_nifti_hostile_headers_are_refused(tmp_path, name, patches, phrase):
+    """Header fields ITK repairs silently (pixdim 0 -> 1 mm, dim -5 -> 1 slice, a NaN or
+    sheared sform ignored) are refused with 65, naming the file and the field."""
+    path = _patched_nifti(tmp_path / f"{name}.nii", patches)
+    err = expect(InvalidStudyError, lambda: load_study(path), phrase, path.name, code=65)
+    assert "Traceback" not in str(err)
+
+
+def test_nifti_nan_voxels_are_refused_not_zeroed(tmp_path):
+    import struct
+    path = _patched_nifti(tmp_path / "nan.nii", [], dtype=np.float32)
+    b = bytearray(path.read_bytes())
+    off = int(struct.unpack_from("<f", b, 108)[0])
+    struct.pack_into("<ff", b, off, float("nan"), float("inf"))
+    path.write_bytes(bytes(b))
+    expect(InvalidStudyError, lambda: load_study(path), "2 NaN or infinite voxel", code=65)
+
+
+@pytest.mark.parametrize("ed", ["inf", "nan", "1e308", "0", "-3", "99", "1.5"])
+def test_acdc_info_cfg_ed_out_of_range(acdc, tmp_path, ed):
+    shutil.copytree(acdc / "patient001", tmp_path / "p")
+    cfg = tmp_path / "p" / "Info.cfg"
+    cfg.write_text("\n".join(f"ED: {ed}" if ln.startswith("ED") else ln
+                             for ln in cfg.read_text().splitlines()))
+    expect(InvalidStudyError, lambda: load_study(tmp_path / "p"), "Info.cfg", code=65)

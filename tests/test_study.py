@@ -44,3 +44,36 @@ def test_3d_volume_with_finer_slice_spacing():
                                st.geometry.origins[1], atol=1e-9)   # 4 x 2 mm = one 8 mm step
     with pytest.raises(ValueError, match="volume must be"):
         st.to_sitk(np.zeros((4, 11, 10)))
+
+
+def test_validate_study_checks_geometry_and_timing():
+    """The loaders' boundary check: finite positive spacing, orthonormal directions,
+    finite origins, sane gaps, finite trigger times (NaN = unknown is allowed)."""
+    import dataclasses
+
+    import pytest
+
+    from deeprecon.runtime.io import InvalidGeometryError, validate_study
+
+    def study(**geo):
+        base = dict(origins=np.arange(3)[:, None] * np.array([0.0, 0.0, 8.0]),
+                    row_dir=(1, 0, 0), col_dir=(0, 1, 0), pixel_spacing=(1.5, 1.5),
+                    slice_thickness=8.0)
+        base.update(geo)
+        return Study(images=np.zeros((2, 3, 4, 4)), geometry=Geometry(**base),
+                     trigger_times=np.array([0.0, np.nan]))
+
+    validate_study(study())   # NaN trigger time = unknown: fine
+    for geo, phrase in [(dict(pixel_spacing=(0.0, 1.5)), "pixel spacing"),
+                        (dict(pixel_spacing=(np.nan, 1.5)), "pixel spacing"),
+                        (dict(slice_thickness=-1.0), "slice thickness"),
+                        (dict(col_dir=(0.3, 0.95, 0)), "orthonormal"),
+                        (dict(origins=np.arange(3)[:, None] * np.array([0.0, 0.0, 900.0])),
+                         "slice gap"),
+                        (dict(origins=np.full((3, 3), np.inf)), "slice origin")]:
+        with pytest.raises(InvalidGeometryError, match=phrase):
+            validate_study(study(**geo))
+    s = study()
+    s = dataclasses.replace(s, trigger_times=np.array([0.0, np.inf]))
+    with pytest.raises(InvalidGeometryError, match="trigger time"):
+        validate_study(s)

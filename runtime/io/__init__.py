@@ -17,15 +17,16 @@ from deeprecon.runtime.io.dicom import load_dicom
 from deeprecon.runtime.io.load import load_study
 from deeprecon.runtime.io.nifti import find_label_file, load_nifti
 from deeprecon.runtime.io.validate import (
-    AmbiguousInputError, DuplicatePositionError, GeometryMismatchError, LabelError,
-    MissingSliceError, MixedSeriesError, NoImagesError, NonFiniteError, NonMRError,
+    AmbiguousInputError, DuplicatePositionError, GeometryMismatchError, InvalidGeometryError,
+    LabelError, MissingSliceError, MixedSeriesError, NoImagesError, NonFiniteError, NonMRError,
     NoStackError, OrientationMismatchError, PhaseCountMismatchError, UnknownSeriesError,
     UnreadableFilesError, UnsupportedTransferSyntaxError, validate_study)
 
 __all__ = [
     "load_study", "load_nifti", "load_acdc", "load_dicom", "validate_study",
     "is_acdc_folder", "parse_info_cfg", "find_label_file",
-    "AmbiguousInputError", "DuplicatePositionError", "GeometryMismatchError", "LabelError",
+    "AmbiguousInputError", "DuplicatePositionError", "GeometryMismatchError",
+    "InvalidGeometryError", "LabelError",
     "MissingSliceError", "MixedSeriesError", "NoImagesError", "NonFiniteError", "NonMRError",
     "NoStackError", "OrientationMismatchError", "PhaseCountMismatchError", "UnknownSeriesError",
     "UnreadableFilesError", "UnsupportedTransferSyntaxError",

@@ -50,10 +50,14 @@ def parse_info_cfg(path: str | Path) -> dict[str, str]:
 
 
 def _num(cfg: dict[str, str], key: str, kind=float):
+    """A finite number from Info.cfg (an integral one for ``kind=int``), else None."""
     try:
-        return kind(float(cfg[key])) if key in cfg else None
+        v = float(cfg[key]) if key in cfg else None
     except ValueError:
         return None
+    if v is None or not np.isfinite(v) or (kind is int and v != round(v)):
+        return None
+    return kind(v)
 
 
 def _gt_file(folder: Path, frame_path: Path | None, patient: str | None, frame: int) -> Path | None:
@@ -89,9 +93,15 @@ def load_acdc(folder: str | Path, *, validate: bool = True) -> Study:
     cfg = parse_info_cfg(info_path)
     ed, es = _num(cfg, "ED", int), _num(cfg, "ES", int)
     if ed is None or es is None:
-        raise InvalidStudyError(f"{info_path}: ED and ES frame numbers missing or not numbers "
+        raise InvalidStudyError(f"{info_path}: ED and ES frame numbers missing or not finite whole numbers "
                                 f"(found keys {sorted(cfg)})",
                                 hint="Info.cfg needs lines like 'ED: 1' and 'ES: 12'")
+    n_frames = _num(cfg, "NbFrame", int)
+    for key, v in (("ED", ed), ("ES", es)):
+        if v < 1 or (n_frames is not None and n_frames >= 1 and v > n_frames) or v > 10_000:
+            raise InvalidStudyError(
+                f"{info_path}: {key}: {cfg[key][:20]} is outside the frames 1..{n_frames or 10_000}",
+                hint="Info.cfg names frames by their 1-based number (e.g. 'ED: 1')")
     frames: dict[int, Path] = {}
     cine: Path | None = None
     patient = None

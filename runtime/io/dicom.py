@@ -37,8 +37,9 @@ from deeprecon.runtime.errors import InvalidStudyError, NoInputError
 from deeprecon.runtime.io.validate import (
     MAX_ORIENTATION_ANGLE_DEG, POSITION_TOL_MM, DuplicatePositionError, GeometryMismatchError,
     MixedSeriesError, NoImagesError, NonMRError, NoStackError, UnknownSeriesError,
-    UnreadableFilesError, UnsupportedTransferSyntaxError, add_warning, check_in_plane,
-    check_orientations, check_phase_counts, fmt_list, fmt_pos, validate_study)
+    InvalidGeometryError, UnreadableFilesError, UnsupportedTransferSyntaxError, add_warning,
+    check_in_plane, check_orientations, check_phase_counts, fmt_list, fmt_pos,
+    geometry_problems, validate_study)
 from deeprecon.runtime.study import Geometry, Study
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ LOCALIZER_RE = re.compile(r"locali[sz]er|scout|survey|tri[-_ ]?pilot|3[-_ ]?plan
                           re.IGNORECASE)
 _IPP_TOL_MM = 0.5        # in-plane origin difference tolerated between phases of a slice
 _TRIGGER_TOL_MS = 1e-3   # two trigger times closer than this are the same
+MAX_MATRIX = 4096        # Rows, Columns
+MAX_FRAMES = 10_000      # NumberOfFrames of one multi-frame object
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
 
 
 # --------------------------------------------------------------------------- records
@@ -88,6 +92,7 @@ class _Frame:
     intercept: float = 0.0
     transfer_syntax: str = ""
     extra: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)   # "Tag [values]: what is wrong"
 
     @property
     def name(self) -> str:
@@ -108,7 +113,7 @@ class _Frame:
 
     @property
     def has_geometry(self) -> bool:
-        return (self.ipp is not None and self.iop is not None and self.pixel_spacing is not None
+        return (not self.problems and self.ipp is not None and self.iop is not None and self.pixel_spacing is not None
                 and np.all(np.isfinite(self.ipp)) and np.linalg.norm(np.cross(
                     self.iop[:3], self.iop[3:])) > 0.5)
 
@@ -228,6 +233,8 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
                   samples=int(ds.get("SamplesPerPixel", 1) or 1), transfer_syntax=ts)
     sop_uid = str(ds.get("SOPInstanceUID", "") or path)
     n_frames = _num(ds.get("NumberOfFrames"), int) or 1
+    if not 1 <= n_frames <= MAX_FRAMES:
+        raise ValueError(f"NumberOfFrames {n_frames} outside 1..{MAX_FRAMES}")
     per_seq = ds.get("PerFrameFunctionalGroupsSequence")
     if n_frames > 1 or per_seq is not None:
         shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -326,10 +333,68 @@ def _scan(root: Path) -> _Scan:
                 scan.other_files += 1
             continue
         try:
-            scan.frames.extend(_frames_of(ds, path))
+            frames = _frames_of(ds, path)
+            short = _header_problems(ds, path, frames)
         except Exception as exc:  # noqa: BLE001 - malformed values in a header
             scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
+            continue
+        if short:
+            scan.unreadable.append((path, short))
+            continue
+        scan.frames.extend(frames)
     return scan
+
+
+_TAGS = {"pixel_spacing": "PixelSpacing", "orientation": "ImageOrientationPatient",
+         "position": "ImagePositionPatient", "thickness": "SliceThickness",
+         "trigger_time": "TriggerTime"}
+_TAGS_ENHANCED = dict(_TAGS, trigger_time="NominalCardiacTriggerDelayTime")
+
+
+def _header_problems(ds, path: Path, frames: list[_Frame]) -> str | None:
+    """Per-file tag checks, before any pixel data is read or allocated.
+
+    Records on each frame what is wrong with its values (``_Frame.problems``: PixelSpacing,
+    ImageOrientationPatient, ImagePositionPatient, SliceThickness, TriggerTime, Rows,
+    Columns, SamplesPerPixel, BitsAllocated). Returns a reason when the file is too short
+    for the pixel data its header declares (a truncated file, or a NumberOfFrames that
+    does not fit the file), None otherwise.
+    """
+    from pydicom.uid import UID
+
+    file_problems = []
+    if not frames:
+        return None
+    f0 = frames[0]
+    for name, v in (("Rows", f0.rows), ("Columns", f0.cols)):
+        if not 1 <= v <= MAX_MATRIX:
+            file_problems.append(f"{name} {v}: outside 1..{MAX_MATRIX}")
+    if f0.samples not in (1, 3):
+        file_problems.append(f"SamplesPerPixel {f0.samples}: needs 1 (or 3 for colour)")
+    bits = _num(ds.get("BitsAllocated"), int)
+    if bits is not None and bits not in _BITS_ALLOCATED:
+        file_problems.append(f"BitsAllocated {bits}: needs one of {', '.join(map(str, _BITS_ALLOCATED))}")
+    names = _TAGS_ENHANCED if f0.frame is not None else _TAGS
+    for f in frames:
+        f.problems = file_problems + geometry_problems(
+            pixel_spacing=f.pixel_spacing, orientation=f.iop, position=f.ipp,
+            thickness=f.thickness, trigger_time=f.trigger, names=names)
+    if file_problems or bits is None or bits == 1:
+        return None
+    ts = f0.transfer_syntax
+    try:
+        compressed = bool(ts) and UID(ts).is_transfer_syntax and UID(ts).is_compressed
+    except ValueError:
+        compressed = False
+    if compressed:
+        return None
+    expected = f0.rows * f0.cols * f0.samples * len(frames) * bits // 8
+    size = path.stat().st_size
+    if expected > size:
+        return (f"Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated "
+                f"({f0.rows} x {f0.cols} x {f0.samples} x {len(frames)} x {bits} bits) need "
+                f"{expected} bytes of pixel data; the file has {size} bytes (truncated?)")
+    return None
 
 
 def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[tuple[Path, str]], int]:
@@ -346,6 +411,11 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
     n_inverted = 0
     for path, fs in by_path.items():
         ts = UID(fs[0].transfer_syntax) if fs[0].transfer_syntax else None
+        if ts is not None and not ts.is_transfer_syntax:
+            raise UnsupportedTransferSyntaxError(
+                f"{path}: TransferSyntaxUID {str(ts)!r} is not a transfer syntax this loader "
+                "knows: its pixel data cannot be decoded",
+                hint="export the study uncompressed (Explicit VR Little Endian)")
         if ts is not None and ts.is_compressed:
             try:
                 from pydicom.pixels import get_decoder
@@ -368,11 +438,12 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
                 if "PixelData" not in ds and "FloatPixelData" not in ds:
                     raise ValueError("no pixel data")
                 _ensure_transfer_syntax(ds)
+                _check_pixel_data_length(ds, path, fs)
                 arr = np.asarray(ds.pixel_array)
                 if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
                     arr = _invert_monochrome1(arr, ds)
                     n_inverted += 1
-        except UnsupportedTransferSyntaxError:
+        except (UnsupportedTransferSyntaxError, InvalidStudyError):
             raise
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt pixel data
             bad.append((path, f"{type(exc).__name__}: {exc}"))
@@ -385,6 +456,30 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
             kept.append(f)
             pixels.append(a.astype(np.float64) * f.slope + f.intercept)
     return kept, pixels, bad, n_inverted
+
+
+def _check_pixel_data_length(ds, path: Path, fs: list[_Frame]) -> None:
+    """Uncompressed PixelData must be as long as Rows x Columns x SamplesPerPixel x
+    NumberOfFrames x BitsAllocated / 8 (plus one pad byte). Longer: InvalidStudyError
+    (the header does not describe the data); shorter: ValueError (a truncated file)."""
+    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    bits = _num(ds.get("BitsAllocated"), int)
+    if not bits or bits == 1:
+        return
+    f = fs[0]
+    n_frames = _num(ds.get("NumberOfFrames"), int) or 1
+    expected = f.rows * f.cols * f.samples * n_frames * bits // 8
+    actual = len(ds.PixelData)
+    if actual > expected + 1:
+        raise InvalidStudyError(
+            f"{path}: PixelData holds {actual} bytes, but Rows x Columns x SamplesPerPixel x "
+            f"NumberOfFrames x BitsAllocated ({f.rows} x {f.cols} x {f.samples} x {n_frames} x "
+            f"{bits} bits) say {expected}: the header does not describe the pixel data",
+            hint="the file is damaged or was written by a broken conversion; re-export it")
+    if actual < expected:
+        raise ValueError(f"PixelData holds {actual} of the {expected} bytes its header declares "
+                         "(truncated?)")
 
 
 def _invert_monochrome1(arr: np.ndarray, ds) -> np.ndarray:
@@ -693,6 +788,15 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
 
     # frames that cannot be placed in space (secondary captures, screenshots)
     def placeable(fs: list[_Frame], uid: str) -> list[_Frame]:
+        bad = [f for f in fs if f.problems]
+        if bad:
+            raise InvalidGeometryError(
+                f"{root}: series {uid}: invalid header values in "
+                f"{len({f.path for f in bad})} file(s): "
+                + "; ".join(f"{_rel(f.path, root)}: {f.problems[0]}" for f in bad[:3])
+                + (" ..." if len(bad) > 3 else ""),
+                hint="the files are damaged or were written by a broken conversion; "
+                     "re-export the series")
         out = [f for f in fs if f.has_geometry and f.samples == 1]
         if len(out) < len(fs):
             warnings.append(f"series {uid}: {len(fs) - len(out)} image(s) without position/"

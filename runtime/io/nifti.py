@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
-from deeprecon.runtime.io.validate import LabelError, validate_study
+from deeprecon.runtime.io.validate import (DIRECTION_TOL, InvalidGeometryError, LabelError,
+                                           NonFiniteError, geometry_problems, validate_study)
 from deeprecon.runtime.study import ACDC_TO_PROJECT, Geometry, Study
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def read_nifti(path: str | Path):
             f"{path}: cannot read this NIfTI file ({first})",
             hint="the file may be truncated or not a NIfTI image: re-export or re-download it") from None
     _check_complete(path, img)
+    _check_header(path, img)
     return img
 
 
@@ -124,6 +126,135 @@ def _check_complete(path: Path, img) -> None:
             f"{path}: cannot read this NIfTI file: {expected - size} bytes of voxel data missing "
             f"({size} of {expected} bytes)",
             hint="the file is truncated: re-export or re-download it")
+
+
+_NIFTI_LAYOUTS = {
+    # sizeof_hdr: (int type, float type, dim offset, pixdim offset, vox_offset (offset,
+    # type), datatype offset, qform_code (offset, type), quatern_b.. offset, srow_x offset)
+    348: ("h", "f", 40, 76, (108, "f"), 70, (252, "h"), 256, 280),
+    540: ("q", "d", 16, 104, (168, "q"), 12, (344, "i"), 352, 400),
+}
+
+
+def _raw_header(path: Path) -> dict | None:
+    """The fields of a NIfTI-1/2 header as written (ITK reports repaired values)."""
+    import gzip
+    import struct
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+    except (OSError, EOFError):
+        return None
+    for order in ("<", ">"):
+        if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] in _NIFTI_LAYOUTS:
+            break
+    else:
+        return None
+    size = struct.unpack(order + "i", head[:4])[0]
+    it, ft, o_dim, o_pix, (o_vox, t_vox), o_dt, (o_qc, t_qc), o_q, o_s = _NIFTI_LAYOUTS[size]
+    if len(head) < size:
+        return None
+    isz, fsz = struct.calcsize(it), struct.calcsize(ft)
+    return {
+        "order": order,
+        "dim": list(struct.unpack_from(f"{order}8{it}", head, o_dim)),
+        "pixdim": list(struct.unpack_from(f"{order}8{ft}", head, o_pix)),
+        "vox_offset": struct.unpack_from(order + t_vox, head, o_vox)[0],
+        "datatype": struct.unpack_from(order + "h", head, o_dt)[0],
+        "qform_code": struct.unpack_from(order + t_qc, head, o_qc)[0],
+        "sform_code": struct.unpack_from(order + t_qc, head, o_qc + struct.calcsize(t_qc))[0],
+        "quatern": list(struct.unpack_from(f"{order}6{ft}", head, o_q)),
+        "srow": list(struct.unpack_from(f"{order}12{ft}", head, o_s)),
+        "_isz": isz, "_fsz": fsz,
+    }
+
+
+def _check_header(path: Path, img) -> None:
+    """The NIfTI header fields ITK repairs or ignores without a word, checked as written.
+
+    dim[1..dim[0]] >= 1 (ITK reads dim[3] = -5 as one slice); pixdim[1..3] of the axes
+    in use finite and > 0 (ITK reports 0 as 1 mm); srow_x/y/z (when sform_code > 0) and
+    the quaternion and offsets (when qform_code > 0) finite; ITK's spacing, origin and
+    direction finite and orthonormal; float voxels finite (ITK reads NaN as 0).
+    Raises InvalidGeometryError / NonFiniteError naming the field.
+    """
+    problems: list[str] = []
+    hdr = _raw_header(path)
+    if hdr is not None:
+        n = int(hdr["dim"][0])
+        if not 1 <= n <= 7:
+            problems.append(f"dim[0] {n}: needs 1..7")
+        else:
+            for k in range(1, n + 1):
+                if hdr["dim"][k] < 1:
+                    problems.append(f"dim[{k}] {hdr['dim'][k]}: needs >= 1")
+            for k in range(1, min(n, 3) + 1):
+                v = float(hdr["pixdim"][k])
+                if not np.isfinite(v) or v <= 0:
+                    problems.append(f"pixdim[{k}] {v:g}: needs a finite value > 0")
+        if hdr["sform_code"] > 0 and not np.all(np.isfinite(hdr["srow"])):
+            problems.append(f"srow_x/y/z {np.round(hdr['srow'], 6).tolist()}: needs finite values "
+                            f"(sform_code {hdr['sform_code']})")
+        elif hdr["sform_code"] > 0:
+            m = np.asarray(hdr["srow"], dtype=np.float64).reshape(3, 4)[:, :3]
+            with np.errstate(all="ignore"):
+                axes = m / np.linalg.norm(m, axis=0, keepdims=True)
+                err = np.max(np.abs(axes.T @ axes - np.eye(3)))
+            if not np.isfinite(err) or err > DIRECTION_TOL:
+                problems.append(f"srow_x/y/z {np.round(hdr['srow'], 6).tolist()}: the axes are not "
+                                f"orthogonal (tolerance {DIRECTION_TOL:g}; ITK would ignore them)")
+        if hdr["qform_code"] > 0 and not np.all(np.isfinite(hdr["quatern"])):
+            problems.append(f"quatern_b/c/d, qoffset_x/y/z {np.round(hdr['quatern'], 6).tolist()}: "
+                            f"needs finite values (qform_code {hdr['qform_code']})")
+    if not problems:
+        dim = img.GetDimension()
+        k = min(dim, 3)
+        spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:k]
+        origin = np.asarray(img.GetOrigin(), dtype=np.float64)[:k]
+        direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:k, :k]
+        names = {"pixel_spacing": "spacing", "position": "origin"}
+        problems += geometry_problems(pixel_spacing=spacing[:2],
+                                      position=np.r_[origin, [0.0] * (3 - k)], names=names)
+        if k == 3:
+            problems += geometry_problems(thickness=spacing[2], names={"thickness": "spacing z"})
+        with np.errstate(all="ignore"):
+            gram = direction.T @ direction
+        if not np.all(np.isfinite(direction)) or np.max(np.abs(gram - np.eye(k))) > DIRECTION_TOL:
+            problems.append(f"direction {np.round(direction, 6).ravel().tolist()}: needs finite, "
+                            f"orthonormal axes (tolerance {DIRECTION_TOL:g})")
+    if problems:
+        raise InvalidGeometryError(
+            f"{path}: invalid NIfTI header: {'; '.join(problems[:3])}"
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""),
+            hint="the file was written by a broken conversion: fix its header or re-export it")
+    if hdr is not None:
+        _check_raw_finite(path, hdr)
+
+
+def _check_raw_finite(path: Path, hdr: dict) -> None:
+    """Float voxels as stored (ITK reads NaN as 0): NonFiniteError when any is NaN or inf."""
+    import gzip
+
+    dtypes = {16: "f4", 64: "f8"}
+    if hdr["datatype"] not in dtypes or not np.isfinite(hdr["vox_offset"]):
+        return
+    dt = np.dtype(hdr["order"] + dtypes[hdr["datatype"]])
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            fh.seek(int(hdr["vox_offset"]))
+            data = fh.read()
+    except (OSError, EOFError, ValueError):
+        return  # already read by ITK and checked complete: nothing more to learn here
+    raw = np.frombuffer(data[: len(data) // dt.itemsize * dt.itemsize], dtype=dt)
+    bad = int(np.count_nonzero(~np.isfinite(raw)))
+    if bad:
+        raise NonFiniteError(
+            f"{path}: {bad} NaN or infinite voxel values (datatype {hdr['datatype']}); "
+            "they are refused, not replaced",
+            hint="the image file is damaged or was written by a broken conversion; re-export it")
 
 
 def _trigger_times_from_spacing(img, n_phases: int) -> tuple[np.ndarray, str | None]:

@@ -29,6 +29,12 @@ MAX_GAP_RATIO = 1.5               # a gap > 1.5 x the typical spacing means a mi
 IRREGULAR_GAP_RATIO = 0.10        # gaps off the typical spacing by > 10 % give a warning
 POSITION_TOL_MM = 0.05            # two slices closer than this along the normal coincide
 PIXEL_SPACING_RTOL = 1e-3         # relative tolerance on pixel spacings
+# Plausible ranges of the geometry and timing values (checked at the loaders' boundary).
+PIXEL_SPACING_RANGE_MM = (1e-3, 100.0)   # pixel spacing and slice thickness, mm
+MAX_SLICE_GAP_MM = 200.0                 # a larger gap between neighbouring slices is absurd
+MAX_COORDINATE_MM = 1e6                  # |origin| beyond 1 km is not a patient position
+TRIGGER_TIME_RANGE_MS = (-1e3, 1e5)      # trigger times, ms after the R wave
+DIRECTION_TOL = 1e-3                     # unit length and orthogonality of direction cosines
 
 
 # --------------------------------------------------------------------------- errors
@@ -88,6 +94,11 @@ class UnsupportedTransferSyntaxError(InvalidStudyError):
     """Compressed DICOM pixel data that no installed decoder can read."""
 
 
+class InvalidGeometryError(InvalidStudyError):
+    """Pixel spacing, thickness, orientation, position or timing values that are not
+    finite, not positive, not orthonormal or outside any plausible range."""
+
+
 class LabelError(InvalidStudyError):
     """A label image does not fit its image (grid) or holds unknown values."""
 
@@ -121,6 +132,105 @@ def lower_median(values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- checks
+def geometry_problems(*, pixel_spacing=None, orientation=None, position=None, thickness=None,
+                      trigger_time=None, names: dict[str, str] | None = None,
+                      unit_tol: float = DIRECTION_TOL) -> list[str]:
+    """What is wrong with one image's geometry and timing values (empty: nothing).
+
+    pixel_spacing: (row, column) mm; orientation: [6] direction cosines (row direction,
+    column direction) or None; position: [3] mm; thickness: mm; trigger_time: ms.
+    None means "not given" and is not a problem. ``names`` maps each argument name to the
+    tag named in the messages (e.g. ``{"pixel_spacing": "PixelSpacing"}``).
+    Each problem reads ``Tag [values]: what is wrong``.
+    """
+    names = names or {}
+
+    def tag(key: str, value) -> str:
+        v = np.asarray(value, dtype=np.float64).ravel()
+        return f"{names.get(key, key)} {[float(f'{x:.6g}') for x in v.tolist()]}"
+
+    lo, hi = PIXEL_SPACING_RANGE_MM
+    out: list[str] = []
+    with np.errstate(all="ignore"):
+        if pixel_spacing is not None:
+            ps = np.asarray(pixel_spacing, dtype=np.float64).ravel()
+            if ps.size != 2 or not np.all(np.isfinite(ps)) or np.any(ps <= 0):
+                out.append(f"{tag('pixel_spacing', ps)}: needs two finite values > 0")
+            elif np.any(ps < lo) or np.any(ps > hi):
+                out.append(f"{tag('pixel_spacing', ps)}: outside {lo:g}..{hi:g} mm")
+        if thickness is not None:
+            t = float(thickness)
+            if not np.isfinite(t) or t <= 0:
+                out.append(f"{tag('thickness', t)}: needs a finite value > 0")
+            elif not lo <= t <= hi:
+                out.append(f"{tag('thickness', t)}: outside {lo:g}..{hi:g} mm")
+        if orientation is not None:
+            o = np.asarray(orientation, dtype=np.float64).ravel()
+            if o.size != 6 or not np.all(np.isfinite(o)) or np.any(np.abs(o) > 1 + unit_tol):
+                out.append(f"{tag('orientation', o)}: needs six finite direction cosines")
+            else:
+                r, c = o[:3], o[3:]
+                if (abs(np.linalg.norm(r) - 1) > unit_tol or abs(np.linalg.norm(c) - 1) > unit_tol
+                        or abs(float(r @ c)) > unit_tol):
+                    out.append(f"{tag('orientation', o)}: row and column directions are not "
+                               f"orthonormal (|r|={np.linalg.norm(r):.4f}, "
+                               f"|c|={np.linalg.norm(c):.4f}, r.c={float(r @ c):.4f}; "
+                               f"tolerance {unit_tol:g})")
+        if position is not None:
+            x = np.asarray(position, dtype=np.float64).ravel()
+            if x.size != 3 or not np.all(np.isfinite(x)) or np.any(np.abs(x) > MAX_COORDINATE_MM):
+                out.append(f"{tag('position', x)}: needs three finite coordinates within "
+                           f"+-{MAX_COORDINATE_MM:g} mm")
+        if trigger_time is not None:
+            t = float(trigger_time)
+            tlo, thi = TRIGGER_TIME_RANGE_MS
+            if not np.isfinite(t) or not tlo <= t <= thi:
+                out.append(f"{tag('trigger_time', t)}: needs a finite time within "
+                           f"{tlo:g}..{thi:g} ms")
+    return out
+
+
+def check_geometry(study: Study, *, context: str = "") -> None:
+    """A loaded study's geometry and timing, at the loaders' boundary.
+
+    Pixel spacing and slice thickness (when given) finite and within
+    PIXEL_SPACING_RANGE_MM; direction cosines finite and orthonormal within
+    DIRECTION_TOL; origins finite; slice gaps > 0 and at most MAX_SLICE_GAP_MM; trigger
+    times finite (NaN = unknown is allowed) within TRIGGER_TIME_RANGE_MS.
+    Raises InvalidGeometryError naming the value (and ``context``: the file).
+    """
+    g = study.geometry
+    names = {"pixel_spacing": "pixel spacing", "thickness": "slice thickness",
+             "orientation": "direction cosines (row, column)", "position": "slice origin"}
+    problems = geometry_problems(pixel_spacing=g.pixel_spacing, thickness=g.slice_thickness,
+                                 orientation=np.r_[g.row_dir, g.col_dir], names=names)
+    origins = np.asarray(g.origins, dtype=np.float64)
+    for s in range(origins.shape[0]):
+        p = geometry_problems(position=origins[s], names=names)
+        if p:
+            problems.append(f"slice {s}: {p[0]}")
+            break
+    if not problems:
+        with np.errstate(all="ignore"):
+            gaps = g.slice_gaps
+        bad = np.flatnonzero(~np.isfinite(gaps) | (gaps > MAX_SLICE_GAP_MM))
+        if bad.size:
+            problems.append(f"slice gap {float(gaps[bad[0]]):g} mm between slices {bad[0]} and "
+                            f"{bad[0] + 1}: needs a finite gap of at most {MAX_SLICE_GAP_MM:g} mm")
+    t = np.asarray(study.trigger_times, dtype=np.float64)
+    tlo, thi = TRIGGER_TIME_RANGE_MS
+    with np.errstate(invalid="ignore"):
+        bad_t = np.flatnonzero(np.isinf(t) | (np.isfinite(t) & ((t < tlo) | (t > thi))))
+    if bad_t.size:
+        problems.append(f"trigger time {t[bad_t[0]]:g} ms of phase {bad_t[0]}: needs a finite time "
+                        f"within {tlo:g}..{thi:g} ms")
+    if problems:
+        raise InvalidGeometryError(
+            f"{context}invalid geometry or timing: {fmt_list(problems, limit=3)}",
+            hint="the header of the file is damaged or was written by a broken conversion; "
+                 "re-export it")
+
+
 def check_orientations(row_dirs: np.ndarray, col_dirs: np.ndarray, where: Sequence[str], *,
                        max_angle_deg: float = MAX_ORIENTATION_ANGLE_DEG,
                        context: str = "") -> None:
@@ -287,11 +397,13 @@ def check_label_values(labels: np.ndarray, *, context: str = "") -> None:
 
 def validate_study(study: Study, *, max_gap_ratio: float = MAX_GAP_RATIO,
                    position_tol_mm: float = POSITION_TOL_MM) -> Study:
-    """Checks every loader's result: finite pixels, distinct, sorted and evenly spaced
-    slices (no missing slice), label values, phase bookkeeping. Adds non-fatal findings
-    to ``study.warnings`` (and logs them). Returns the same study.
+    """Checks every loader's result: geometry and timing (:func:`check_geometry`), finite
+    pixels, distinct, sorted and evenly spaced slices (no missing slice), label values,
+    phase bookkeeping. Adds non-fatal findings to ``study.warnings`` (and logs them).
+    Returns the same study.
     """
     ctx = f"{study.source}: " if study.source else ""
+    check_geometry(study, context=ctx)
     check_finite(study.images, context=ctx)
     for w in check_slice_spacing(study.geometry.positions, max_gap_ratio=max_gap_ratio,
                                  position_tol_mm=position_tol_mm, context=ctx):
