@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_series import (read_back, rotated, rotation, subset,  # noqa: E402
                           synthetic_study, write_dicom_series)
 
-from deeprecon.runtime.errors import ExitCode, NoInputError  # noqa: E402
+from deeprecon.runtime.errors import ExitCode, InvalidStudyError, NoInputError  # noqa: E402
 from deeprecon.runtime.io import (DuplicatePositionError, GeometryMismatchError,  # noqa: E402
                                   MissingSliceError, MixedSeriesError, NoImagesError,
                                   NonMRError, NoStackError, OrientationMismatchError,
@@ -500,3 +500,51 @@ def test_unknown_transfer_syntax_and_frame_count(tmp_path):
     # then the missing image is a phase-count error (65)
     _break_one(tmp_path / "nf", lambda ds: setattr(ds, "NumberOfFrames", 999_999_999))
     expect(PhaseCountMismatchError, lambda: load_dicom(tmp_path / "nf"), "unreadable", code=65)
+
+
+def _in_thread(fn, timeout=30.0):
+    """fn() in a daemon thread: (finished, result or exception). A FIFO opened for
+    reading would block forever; the thread lets the test fail instead of hanging."""
+    import threading
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001
+            out["value"] = exc
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive(), out.get("value")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs os.mkfifo")
+def test_special_files_are_skipped_unopened(tmp_path):
+    """FIFOs and symlinks leaving the folder are skipped (with a counted warning) without
+    being opened; a symlink inside the folder is read like any file."""
+    import os
+    study = synthetic_study(phases=2, slices=4, rows=16, cols=16)
+    paths = write_dicom_series(study, tmp_path / "dcm")
+    outside = write_dicom_series(synthetic_study(phases=2, slices=4, rows=16, cols=16, seed=1),
+                                 tmp_path / "other")
+    os.mkfifo(tmp_path / "dcm" / "pipe.dcm")
+    os.mkfifo(tmp_path / "dcm" / "pipe_noext")
+    os.symlink(outside[0], tmp_path / "dcm" / "link_out.dcm")
+    moved = paths[0].with_name("real.bin")
+    paths[0].rename(moved)
+    os.symlink(moved, paths[0])          # inside the folder: read
+    done, got = _in_thread(lambda: load_study(tmp_path / "dcm"))
+    assert done, "loading blocked on a FIFO"
+    assert not isinstance(got, Exception), got
+    assert got.images.shape == (2, 4, 16, 16)
+    w = [x for x in got.warnings if "not regular files" in x]
+    assert len(w) == 1 and "skipped 3 files" in w[0] and "FIFO" in w[0] and "outside" in w[0]
+    # a FIFO given as the input itself: 65, not opened
+    done, err = _in_thread(lambda: load_study(tmp_path / "dcm" / "pipe.dcm"))
+    assert done and isinstance(err, InvalidStudyError) and "FIFO" in str(err), err
+    # a folder of nothing but a FIFO: no images (66), not opened
+    (tmp_path / "only").mkdir()
+    os.mkfifo(tmp_path / "only" / "p")
+    done, err = _in_thread(lambda: load_study(tmp_path / "only"))
+    assert done and isinstance(err, NoImagesError) and "not opened" in str(err), err

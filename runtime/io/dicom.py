@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import warnings as _warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class _Scan:
     other_files: int = 0
     dicomdir: int = 0
     n_files: int = 0
+    special: list[tuple[Path, str]] = field(default_factory=list)   # skipped unopened
 
 
 @dataclass
@@ -277,13 +279,54 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
                    intercept=_num(ds.get("RescaleIntercept")) or 0.0, **common)]
 
 
-def _list_files(root: Path) -> list[Path]:
-    if root.is_file():
+def special_file(path: Path, root: Path) -> str | None:
+    """Why ``path`` must not be opened, or None for a regular file inside ``root``.
+
+    Decided from ``os.lstat``/``os.stat`` alone (a FIFO is never opened): FIFOs, devices
+    and sockets are refused, and so are symlinks that resolve outside ``root`` (or
+    nowhere). ``root`` may be the file itself.
+    """
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = Path(os.path.realpath(path))
+            base = Path(os.path.realpath(root))
+            base = base if base.is_dir() else base.parent
+            if target != base and base not in target.parents:
+                return f"symlink to {target}, outside the input folder"
+            st = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+            else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file")
+    return kind
+
+
+def _list_files(root: Path, special: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Files under ``root`` (sorted, hidden ones left out) that are safe to open; the
+    others (see :func:`special_file`) are appended to ``special`` unopened."""
+    special = [] if special is None else special
+    if not root.is_dir():
+        why = special_file(root, root)
+        if why:
+            special.append((root, why))
+            return []
         return [root]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            path = Path(dirpath) / f
+            why = special_file(path, root)
+            if why:
+                special.append((path, why))
+            else:
+                out.append(path)
     return out
 
 
@@ -291,7 +334,7 @@ def _scan(root: Path) -> _Scan:
     import pydicom
 
     scan = _Scan()
-    for path in _list_files(root):
+    for path in _list_files(root, scan.special):
         scan.n_files += 1
         kind = _sniff(path)
         if kind == "dicomdir":
@@ -759,6 +802,12 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
         raise NoInputError(f"{root}: no such file or folder", hint="check the path")
     scan = _scan(root)
     warnings: list[str] = []
+    if scan.special:
+        warnings.append(
+            f"skipped {len(scan.special)} file{'s' if len(scan.special) > 1 else ''} that are not "
+            "regular files inside the input folder (FIFOs, devices, sockets, symlinks leaving "
+            "it), without opening them: "
+            + fmt_list([f"{_rel(p, root)} ({why})" for p, why in scan.special], limit=3))
     if scan.unreadable:
         warnings.append(_unreadable_warning(scan.unreadable, root))
     if not scan.frames:
@@ -775,6 +824,8 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
             found.append("a DICOMDIR index without the images it lists")
         if scan.other_files:
             found.append(f"{scan.other_files} other file(s)")
+        if scan.special:
+            found.append(f"{len(scan.special)} special file(s) or outside link(s), not opened")
         raise NoImagesError(
             f"{root}: no images found (looked for DICOM files of any name, recursively; "
             f"NIfTI .nii/.nii.gz; ACDC patient folders with Info.cfg); found "

@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from deeprecon.runtime.errors import NoInputError, UsageError
+from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
 from deeprecon.runtime.io.acdc import FRAME_RE, INFO_FILE, is_acdc_folder, load_acdc
-from deeprecon.runtime.io.dicom import _sniff, load_dicom
+from deeprecon.runtime.io.dicom import _sniff, load_dicom, special_file
 from deeprecon.runtime.io.nifti import (LABEL_SUFFIXES, NIFTI_SUFFIXES, is_label_name, is_nifti,
                                         load_nifti, nifti_stem)
 from deeprecon.runtime.io.validate import AmbiguousInputError, add_warning
@@ -32,6 +32,8 @@ def _has_dicom(folder: Path, *, max_files: int = 100_000) -> bool:
             if name.startswith(".") or is_nifti(Path(name)):
                 continue
             n += 1
+            if special_file(Path(dirpath) / name, folder):
+                continue  # never open a FIFO, a device or a link out of the folder
             if _sniff(Path(dirpath) / name) in ("dicom", "maybe") or n > max_files:
                 return True
     return False
@@ -78,6 +80,11 @@ def load_study(path: str | Path, *, series: str | None = None) -> Study:
     if not p.exists():
         raise NoInputError(f"{p}: no such file or folder",
                            hint="give a DICOM folder, a NIfTI file or an ACDC patient folder")
+    if not p.is_dir():
+        why = special_file(p, p)
+        if why:
+            raise InvalidStudyError(f"{p}: not a regular file ({why}); nothing was read",
+                                    hint="give a DICOM folder, a NIfTI file or an ACDC patient folder")
     if p.is_file() and is_nifti(p):
         if series is not None:
             raise UsageError(f"--series applies to DICOM input; {p} is a NIfTI file")
