@@ -339,3 +339,14 @@ def test_acdc_info_cfg_ed_out_of_range(acdc, tmp_path, ed):
     cfg.write_text("\n".join(f"ED: {ed}" if ln.startswith("ED") else ln
                              for ln in cfg.read_text().splitlines()))
     expect(InvalidStudyError, lambda: load_study(tmp_path / "p"), "Info.cfg", code=65)
+
+
+def test_nifti_declared_size_is_capped_before_reading(tmp_path):
+    """dim fields declaring terabytes, or more data than an uncompressed file holds, are
+    refused from the raw header before ITK allocates anything."""
+    path = _patched_nifti(tmp_path / "huge.nii", [(42, "<h", 32767), (44, "<h", 32767),
+                                                  (46, "<h", 32767), (48, "<h", 32767)])
+    expect(InvalidStudyError, lambda: load_study(path), "dim", "nothing was allocated", code=65)
+    path = _patched_nifti(tmp_path / "short.nii", [(46, "<h", 40)])
+    expect(InvalidStudyError, lambda: load_study(path), "dim", "bytes of voxel data missing",
+           code=65)

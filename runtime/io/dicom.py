@@ -114,8 +114,8 @@ class _Frame:
 
     @property
     def has_geometry(self) -> bool:
-        return (not self.problems and self.ipp is not None and self.iop is not None and self.pixel_spacing is not None
-                and np.all(np.isfinite(self.ipp)) and np.linalg.norm(np.cross(
+        return (not self.problems and self.ipp is not None and self.iop is not None
+                and self.pixel_spacing is not None and np.all(np.isfinite(self.ipp)) and np.linalg.norm(np.cross(
                     self.iop[:3], self.iop[3:])) > 0.5)
 
 

@@ -25,6 +25,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LABEL_SUFFIXES = ("_gt", "_seg", "_label", "_labels")
 LABEL_CONVENTIONS = ("project", "acdc")
 _GEOMETRY_ATOL = 1e-3  # mm / direction cosine: label grid vs image grid
+MAX_VOXEL_BYTES = 4 << 30   # a NIfTI declaring more voxel data is refused before reading
 
 
 def is_nifti(path: Path) -> bool:
@@ -71,6 +72,7 @@ def read_nifti(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise NoInputError(f"{path}: no such NIfTI file", hint="check the path")
+    _check_declared_size(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -163,12 +165,41 @@ def _raw_header(path: Path) -> dict | None:
         "pixdim": list(struct.unpack_from(f"{order}8{ft}", head, o_pix)),
         "vox_offset": struct.unpack_from(order + t_vox, head, o_vox)[0],
         "datatype": struct.unpack_from(order + "h", head, o_dt)[0],
+        "bitpix": struct.unpack_from(order + "h", head, o_dt + 2)[0],
         "qform_code": struct.unpack_from(order + t_qc, head, o_qc)[0],
         "sform_code": struct.unpack_from(order + t_qc, head, o_qc + struct.calcsize(t_qc))[0],
         "quatern": list(struct.unpack_from(f"{order}6{ft}", head, o_q)),
         "srow": list(struct.unpack_from(f"{order}12{ft}", head, o_s)),
         "_isz": isz, "_fsz": fsz,
     }
+
+
+def _check_declared_size(path: Path) -> None:
+    """Before ITK allocates anything: the voxel data the raw header declares must be at
+    most MAX_VOXEL_BYTES and, for an uncompressed file, fit in the file (ITK would
+    zero-fill the rest). Raises InvalidStudyError naming dim/bitpix."""
+    hdr = _raw_header(path)
+    if hdr is None or not 1 <= hdr["dim"][0] <= 7:
+        return  # _check_header (after ITK's own checks) names these
+    dims = [int(d) for d in hdr["dim"][1:hdr["dim"][0] + 1]]
+    if any(d < 1 for d in dims):
+        return
+    bitpix = int(hdr["bitpix"])
+    n_bytes = int(np.prod(dims, dtype=object)) * max(bitpix, 8) // 8
+    if n_bytes > MAX_VOXEL_BYTES:
+        raise InvalidStudyError(
+            f"{path}: dim {dims} x bitpix {bitpix} declare {n_bytes} bytes of voxel data, more "
+            f"than the {MAX_VOXEL_BYTES >> 30} GiB this loader reads; nothing was allocated",
+            hint="the header is damaged, or the image is far larger than a cine stack")
+    if not path.name.lower().endswith(".gz") and np.isfinite(hdr["vox_offset"]):
+        size = path.stat().st_size
+        expected = int(hdr["vox_offset"]) + n_bytes
+        if expected > size:
+            raise InvalidStudyError(
+                f"{path}: cannot read this NIfTI file: {expected - size} bytes of voxel data "
+                f"missing ({size} of {expected} bytes; dim {dims} x bitpix {bitpix} from "
+                f"offset {int(hdr['vox_offset'])})",
+                hint="the file is truncated or its header damaged: re-export or re-download it")
 
 
 def _check_header(path: Path, img) -> None:
