@@ -68,9 +68,16 @@ INTS = [-5, -1, 0, 1, 2, 7, 8, 32767, -32768]
 def bases(tmp_path_factory) -> dict[str, Path]:
     import logging
     logging.getLogger("pydicom").setLevel(logging.ERROR)   # invalid values are the point here
+    import dicom_series
     root = tmp_path_factory.mktemp("fuzz_base")
     study = synthetic_study(phases=2, slices=4, rows=16, cols=16)
-    write_dicom_series(study, root / "dicom")
+    counter = iter(range(10**6))
+    original = dicom_series.generate_uid
+    dicom_series.generate_uid = lambda: f"1.2.826.0.1.3680043.8.498.1313{next(counter):04d}"
+    try:   # the same UIDs every run: byte-level mutations hit the same elements
+        write_dicom_series(study, root / "dicom")
+    finally:
+        dicom_series.generate_uid = original
     out = {"dicom": root / "dicom"}
     for name, dtype in (("nifti_i16", np.int16), ("nifti_f32", np.float32)):
         a = (np.arange(2 * 4 * 8 * 8).reshape(2, 4, 8, 8) % 50).astype(dtype)   # [P, S, H, W]

@@ -477,6 +477,8 @@ def _break_one(folder: Path, mutate) -> Path:
     ("tt_inf", lambda ds: setattr(ds, "TriggerTime", "inf"), "TriggerTime"),
     ("tt_nan", lambda ds: setattr(ds, "TriggerTime", "nan"), "TriggerTime"),
     ("rows_huge", lambda ds: setattr(ds, "Rows", 60000), "Rows"),
+    ("thick_text", lambda ds: ds.__setitem__("SliceThickness", pydicom.DataElement(
+        0x00180050, "LO", "abc")), "SliceThickness"),
     ("cols_minus_one", lambda ds: setattr(ds, "Columns", 15), "PixelData"),
     ("pixels_doubled", lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), "PixelData"),
 ])
@@ -548,3 +550,26 @@ def test_special_files_are_skipped_unopened(tmp_path):
     os.mkfifo(tmp_path / "only" / "p")
     done, err = _in_thread(lambda: load_study(tmp_path / "only"))
     assert done and isinstance(err, NoImagesError) and "not opened" in str(err), err
+
+
+def test_declared_pixel_size_is_capped_before_decoding(tmp_path, monkeypatch):
+    """A header declaring more decoded pixels than MAX_PIXEL_BYTES is refused (65, naming
+    the file and the tags) before any pixel data is read, compressed or not."""
+    from deeprecon.runtime.io import dicom as dicom_mod
+    monkeypatch.setattr(dicom_mod, "MAX_PIXEL_BYTES", 16 * 16 * 2 - 1)
+    path = _break_one(tmp_path / "cap", lambda ds: None)
+    err = expect(InvalidStudyError, lambda: load_dicom(tmp_path / "cap"), "NumberOfFrames",
+                 "more than", code=65)
+    assert path.parent.name in str(err)
+
+
+def test_unknown_vr_in_sop_class_uid_is_an_unreadable_file(tmp_path):
+    """An element whose VR bytes are damaged (pydicom fails when the value is first read)
+    makes that file unreadable (skipped, counted), never an internal error."""
+    path = _break_one(tmp_path / "vr", lambda ds: None)
+    raw = path.read_bytes()
+    assert raw.count(b"\x08\x00\x16\x00UI") == 1
+    path.write_bytes(raw.replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00UQ"))
+    err = expect(PhaseCountMismatchError, lambda: load_dicom(tmp_path / "vr"), "unreadable",
+                 code=65)
+    assert path.name in str(err)

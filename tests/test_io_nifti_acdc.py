@@ -313,6 +313,8 @@ def _patched_nifti(path: Path, patches, dtype=np.int16) -> Path:
     ("sform_nan", [(280 + 4 * k, "<f", float("nan")) for k in range(12)], "srow"),
     ("sform_skew", [(280, "<f", 1.0), (284, "<f", 1.0)], "srow"),
     ("qoffset_inf", [(268, "<f", float("inf"))], "qoffset"),
+    ("quatern_big", [(256, "<f", 2.5)], "not a rotation"),
+    ("bitpix_wrong", [(70, "<h", 2)], "bitpix"),   # datatype uint8, bitpix still 16
 ])
 def test_nifti_hostile_headers_are_refused(tmp_path, name, patches, phrase):
     """Header fields ITK repairs silently (pixdim 0 -> 1 mm, dim -5 -> 1 slice, a NaN or

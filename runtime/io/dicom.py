@@ -62,6 +62,7 @@ _IPP_TOL_MM = 0.5        # in-plane origin difference tolerated between phases o
 _TRIGGER_TOL_MS = 1e-3   # two trigger times closer than this are the same
 MAX_MATRIX = 4096        # Rows, Columns
 MAX_FRAMES = 10_000      # NumberOfFrames of one multi-frame object
+MAX_PIXEL_BYTES = 2 << 30  # decoded pixel data one file may declare (compressed or not)
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 
 
@@ -353,8 +354,13 @@ def _scan(root: Path) -> _Scan:
             else:
                 scan.other_files += 1
             continue
-        meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
-        sop = str(ds.get("SOPClassUID", "") or meta_sop)
+        try:   # values are converted when first read: a damaged VR fails here
+            meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+                           or "")
+            sop = str(ds.get("SOPClassUID", "") or meta_sop)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unknown VR in the element
+            scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
+            continue
         if sop == DICOMDIR_SOP or meta_sop == DICOMDIR_SOP:
             scan.dicomdir += 1
             continue
@@ -417,6 +423,17 @@ def _header_problems(ds, path: Path, frames: list[_Frame]) -> str | None:
     bits = _num(ds.get("BitsAllocated"), int)
     if bits is not None and bits not in _BITS_ALLOCATED:
         file_problems.append(f"BitsAllocated {bits}: needs one of {', '.join(map(str, _BITS_ALLOCATED))}")
+    declared = f0.rows * f0.cols * f0.samples * len(frames) * max(bits or 8, 8) // 8
+    if not file_problems and declared > MAX_PIXEL_BYTES:
+        file_problems.append(
+            f"Rows x Columns x SamplesPerPixel x NumberOfFrames ({f0.rows} x {f0.cols} x "
+            f"{f0.samples} x {len(frames)}) declare {declared} bytes of pixels, more than the "
+            f"{MAX_PIXEL_BYTES >> 30} GiB one file may hold")
+    for name in ("SliceThickness", "TriggerTime", "RescaleSlope", "RescaleIntercept",
+                 "SpacingBetweenSlices", "InstanceNumber"):
+        v = ds.get(name)
+        if v is not None and str(v).strip() not in ("", "None") and _num(v) is None:
+            file_problems.append(f"{name} {str(v)[:20]!r}: not a number")
     names = _TAGS_ENHANCED if f0.frame is not None else _TAGS
     for f in frames:
         f.problems = file_problems + geometry_problems(
@@ -782,6 +799,21 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
     return study
 
 
+def _raise_problems(bad: list[_Frame], root: Path, where: str) -> None:
+    """InvalidGeometryError naming the files (and first tag) of frames with ``problems``."""
+    if not bad:
+        return
+    files = list(dict.fromkeys(f.path for f in bad))
+    first = {}
+    for f in bad:
+        first.setdefault(f.path, f.problems[0])
+    raise InvalidGeometryError(
+        f"{root}: {where}invalid header values in {len(files)} file(s): "
+        + "; ".join(f"{_rel(p, root)}: {first[p]}" for p in files[:3])
+        + (" ..." if len(files) > 3 else ""),
+        hint="the files are damaged or were written by a broken conversion; re-export the series")
+
+
 # --------------------------------------------------------------------------- public
 def load_dicom(folder: str | Path, *, series: str | None = None,
                max_angle_deg: float = MAX_ORIENTATION_ANGLE_DEG, validate: bool = True) -> Study:
@@ -839,15 +871,7 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
 
     # frames that cannot be placed in space (secondary captures, screenshots)
     def placeable(fs: list[_Frame], uid: str) -> list[_Frame]:
-        bad = [f for f in fs if f.problems]
-        if bad:
-            raise InvalidGeometryError(
-                f"{root}: series {uid}: invalid header values in "
-                f"{len({f.path for f in bad})} file(s): "
-                + "; ".join(f"{_rel(f.path, root)}: {f.problems[0]}" for f in bad[:3])
-                + (" ..." if len(bad) > 3 else ""),
-                hint="the files are damaged or were written by a broken conversion; "
-                     "re-export the series")
+        _raise_problems([f for f in fs if f.problems], root, f"series {uid}: ")
         out = [f for f in fs if f.has_geometry and f.samples == 1]
         if len(out) < len(fs):
             warnings.append(f"series {uid}: {len(fs) - len(out)} image(s) without position/"
@@ -919,6 +943,8 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
                               + fmt_list([f"'{s.description}'" for s in g], limit=4) for g in groups),
                 hint="pick one group with --series UID1,UID2,... (comma-separated UIDs)")
         if not groups:
+            # no stack because its files' values are broken: say which, not "no stack"
+            _raise_problems([f for s in mr.values() for f in s.frames if f.problems], root, "")
             raise NoStackError(
                 f"{root}: no short-axis stack: the MR series are single slices or localisers:\n  "
                 + "\n  ".join(s.line() for s in mr.values()),

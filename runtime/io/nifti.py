@@ -174,6 +174,11 @@ def _raw_header(path: Path) -> dict | None:
     }
 
 
+# NIfTI datatype code -> bits per voxel (nifti1.h)
+_BITPIX = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32,
+           1024: 64, 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+
+
 def _check_declared_size(path: Path) -> None:
     """Before ITK allocates anything: the voxel data the raw header declares must be at
     most MAX_VOXEL_BYTES and, for an uncompressed file, fit in the file (ITK would
@@ -239,6 +244,20 @@ def _check_header(path: Path, img) -> None:
         if hdr["qform_code"] > 0 and not np.all(np.isfinite(hdr["quatern"])):
             problems.append(f"quatern_b/c/d, qoffset_x/y/z {np.round(hdr['quatern'], 6).tolist()}: "
                             f"needs finite values (qform_code {hdr['qform_code']})")
+        elif hdr["qform_code"] > 0:
+            b, c, d = hdr["quatern"][:3]
+            with np.errstate(all="ignore"):
+                norm2 = float(b * b + c * c + d * d)
+            if not norm2 <= 1 + DIRECTION_TOL:
+                problems.append(f"quatern_b/c/d {[b, c, d]}: b^2 + c^2 + d^2 = {norm2:g} > 1, "
+                                "not a rotation (ITK would rescale it)")
+            qfac = float(hdr["pixdim"][0])
+            if not np.isfinite(qfac):
+                problems.append(f"pixdim[0] (qfac) {qfac:g}: needs -1 or 1")
+        want = _BITPIX.get(int(hdr["datatype"]))
+        if want is not None and int(hdr["bitpix"]) != want:
+            problems.append(f"bitpix {hdr['bitpix']}: datatype {hdr['datatype']} has {want} bits "
+                            "per voxel")
     if not problems:
         dim = img.GetDimension()
         k = min(dim, 3)
