@@ -1,7 +1,8 @@
 """Hostile inputs through ``deeprecon-rt study info`` (issue 13, section 1): a seeded fuzzer.
 
-A small DICOM series (4 slices x 2 phases, 16 x 16, written by ``dicom_series``) and a
-small 4D NIfTI (int16 and float32) are mutated one way per case: a header value
+A small DICOM series (4 slices x 2 phases, 16 x 16, written by ``dicom_series``), a
+small 4D NIfTI (int16 and float32) and a tiny ACDC folder (its Info.cfg) are mutated one
+way per case: a header value
 replaced by NaN, inf, 0, a negative, 1e-30, 1e308 or text; an element given the wrong
 VR; Rows/Columns/PixelData sizes that disagree; truncation; raw header bytes of the
 NIfTI overwritten; NaN voxels. Each case runs in-process through the CLI and must end
@@ -35,6 +36,7 @@ from deeprecon.runtime.cli import run  # noqa: E402
 SEED = 1313
 N_DICOM = 240
 N_NIFTI = 120
+N_ACDC = 40
 CASE_TIME_LIMIT_S = 10.0
 ALLOWED = {0, 65, 66}
 
@@ -86,6 +88,20 @@ def bases(tmp_path_factory) -> dict[str, Path]:
         img.SetOrigin((10.0, -20.0, 30.0, 0.0))
         out[name] = root / f"{name}.nii"
         sitk.WriteImage(img, str(out[name]))
+    # a tiny ACDC patient folder: frames 1 and 3 of 3, with labels, and Info.cfg
+    acdc = root / "patient001"
+    acdc.mkdir()
+    for frame in (1, 3):
+        a = (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 50).astype(np.int16)    # [S, H, W]
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.5, 1.5, 8.0))
+        sitk.WriteImage(img, str(acdc / f"patient001_frame{frame:02d}.nii.gz"))
+        lab = sitk.GetImageFromArray((a % 4).astype(np.uint8))
+        lab.CopyInformation(img)
+        sitk.WriteImage(lab, str(acdc / f"patient001_frame{frame:02d}_gt.nii.gz"))
+    (acdc / "Info.cfg").write_text("ED: 1\nES: 3\nGroup: NOR\nHeight: 180.0\nNbFrame: 3\n"
+                                   "Weight: 80.0\n")
+    out["acdc"] = acdc
     return out
 
 
@@ -211,6 +227,34 @@ def _mutate_nifti(path: Path, rng) -> str:
     return ", ".join(descr)
 
 
+def _mutate_acdc(folder: Path, rng) -> str:
+    """One or two Info.cfg values replaced (ED, ES, NbFrame, Height, Weight), a line
+    dropped, or the file emptied."""
+    cfg = folder / "Info.cfg"
+    lines = cfg.read_text().splitlines()
+    kind = rng.choice(["value"] * 6 + ["drop", "empty", "binary"])
+    if kind == "empty":
+        cfg.write_text("")
+        return "Info.cfg empty"
+    if kind == "binary":
+        cfg.write_bytes(bytes(rng.integers(0, 256, size=64, dtype=np.uint8)))
+        return "Info.cfg binary"
+    if kind == "drop":
+        k = int(rng.integers(len(lines)))
+        dropped = lines.pop(k)
+        cfg.write_text("\n".join(lines))
+        return f"Info.cfg without {dropped!r}"
+    descr = []
+    for _ in range(int(rng.integers(1, 3))):
+        k = int(rng.integers(len(lines)))
+        key = lines[k].split(":")[0]
+        v = str(rng.choice(NUMBERS + ["2", "3", "4", "1.5", "-0", "1" * 40]))
+        lines[k] = f"{key}: {v}"
+        descr.append(f"{key}={v}")
+    cfg.write_text("\n".join(lines))
+    return "Info.cfg " + ", ".join(descr)
+
+
 # --------------------------------------------------------------------------- the check
 def _geometry_ok(info: dict) -> str | None:
     """None when the summary's geometry is finite and positive, else what is wrong."""
@@ -242,12 +286,13 @@ def test_fuzz_study_info(bases, tmp_path, capsys):
     outcomes: Counter = Counter()
     failures: list[str] = []
     t_start = time.perf_counter()
-    cases = ["dicom"] * N_DICOM + ["nifti_i16"] * (N_NIFTI // 2) + ["nifti_f32"] * (N_NIFTI // 2)
+    cases = (["dicom"] * N_DICOM + ["nifti_i16"] * (N_NIFTI // 2) + ["nifti_f32"] * (N_NIFTI // 2)
+             + ["acdc"] * N_ACDC)
     for i, base in enumerate(cases):
         work = tmp_path / f"case{i:04d}"
-        if base == "dicom":
+        if base in ("dicom", "acdc"):
             shutil.copytree(bases[base], work)
-            what = _mutate_dicom(work, rng)
+            what = (_mutate_dicom if base == "dicom" else _mutate_acdc)(work, rng)
             target = work
         else:
             work.mkdir()
