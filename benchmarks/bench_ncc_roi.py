@@ -42,20 +42,12 @@ import torch
 from deeprecon.cpp_ext import ncc_roi_loss, ncc_roi_loss_grouped_conv, ncc_roi_loss_reference
 from deeprecon.cpp_ext.ops import kernels_available
 from deeprecon.cpp_ext.reference import loss_and_grad
+from provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_BYTES_PER_PIXEL = 13 * 4
 IDEAL_BYTES_PER_PIXEL = 4 * 4
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> dict:

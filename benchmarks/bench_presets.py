@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,21 +30,11 @@ from deeprecon.cpp_ext import ncc_roi_loss
 from deeprecon.trainer.config import get_preset
 from deeprecon.trainer.lpips import load_lpips
 from deeprecon.trainer.networks import Encoder, Generator
+from provenance import cpu_model, git_info
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git() -> dict:
-    def run(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def matmul_gflops(repeats: int = 20) -> float:
@@ -131,7 +120,7 @@ def main() -> None:
         results[preset] = r
         print(preset, json.dumps(r))
     out = {"benchmark": "presets", "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "git": _git(), "device": {"cpu": _cpu(), "cores": os.cpu_count()},
+           "git": git_info(), "device": {"cpu": cpu_model(), "cores": os.cpu_count()},
            "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

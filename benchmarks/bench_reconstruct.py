@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +29,11 @@ import torch
 
 from deeprecon.runtime.io import load_study
 from deeprecon.runtime.pipeline import Reconstructor
+from provenance import git_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = REPO.parent / "shared" / "data" / "acdc" / "training" / "patient001"
 
-
-def _git() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=REPO).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
 
 
 def _device(device: str) -> dict:
@@ -104,7 +98,7 @@ def main() -> None:
               f"{calls[0]['total_s']:.2f} s)", file=sys.stderr)
     result = {
         "benchmark": "reconstruct", "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": _git(), "device": _device(args.device),
+        "git": git_info(), "device": _device(args.device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__},
         "bundle": {"name": rec.bundle.name, "preset": rec.bundle.preset,

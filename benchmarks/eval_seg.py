@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,30 +38,16 @@ from deeprecon.runtime.pipeline import Reconstructor
 from deeprecon.runtime.preprocess import prepare
 from deeprecon.trainer.config import ModelConfig
 from deeprecon.trainer.data import heart_roi
-from deeprecon.trainer.losses import psnr as psnr_t
 from deeprecon.trainer.losses import ssim as ssim_t
 from deeprecon.trainer.networks import UNet, WSegNet
 from deeprecon.trainer.run import load_networks, read_run
 from deeprecon.trainer.split import load_split
+from provenance import cpu_model, git_info
 
 STRUCTURES = ("LVC", "LVM", "RVC")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git() -> dict:
-    def run(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _spacing(study) -> tuple[float, float, float]:
@@ -259,9 +244,9 @@ def main() -> None:
                      "runs": {"direct": str(args.direct) if args.direct else None,
                               "wseg": str(args.wseg) if args.wseg else None,
                               "direct_run": read_run(args.direct) if args.direct else None}},
-        "device": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "git": _git(), "wall_s": round(time.time() - t0, 1),
+        "git": git_info(), "wall_s": round(time.time() - t0, 1),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     pictures = result.pop("_pictures")

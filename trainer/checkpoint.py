@@ -283,16 +283,7 @@ def load_compact(path: str | Path, *, stage: str, modules: Mapping[str, torch.nn
     if meta.get("format") != "deeprecon-compact" or meta.get("stage") != stage:
         raise CheckpointError(f"{path} is not a compact {stage} state "
                               f"(format {meta.get('format')!r}, stage {meta.get('stage')!r})")
-    for mname, module in modules.items():
-        own = module.state_dict()
-        sd = {}
-        for key, ref in own.items():
-            t = tensors.get(f"module.{mname}.{key}")
-            if t is None or t.shape != ref.shape:
-                raise CheckpointError(f"{path}: module.{mname}.{key} is missing or has another "
-                                      f"shape than the network of this preset")
-            sd[key] = t.to(ref.dtype)
-        module.load_state_dict(sd, strict=True)
+    _load_modules(path, tensors, modules, prefix="module.")
     extra_t = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return step, extra_t, extra
 
@@ -331,17 +322,23 @@ def load_model(path: str | Path, modules: Mapping[str, torch.nn.Module]) -> dict
         raise CheckpointError(f"model file {path} is unreadable: {e}") from None
     if meta.get("format") != "deeprecon-model":
         raise CheckpointError(f"{path} is not a deeprecon model file")
+    _load_modules(path, tensors, modules)
+    return json.loads(meta.get("config", "{}"))
+
+
+def _load_modules(path: Path, tensors: Mapping[str, torch.Tensor],
+                  modules: Mapping[str, torch.nn.Module], *, prefix: str = "") -> None:
+    """Load ``PREFIX NAME.key`` tensors into each module, cast to the module's dtypes;
+    CheckpointError naming the first key that is missing or has another shape."""
     for mname, module in modules.items():
-        own = module.state_dict()
         sd = {}
-        for key, ref in own.items():
-            t = tensors.get(f"{mname}.{key}")
+        for key, ref in module.state_dict().items():
+            t = tensors.get(f"{prefix}{mname}.{key}")
             if t is None or t.shape != ref.shape:
-                raise CheckpointError(f"{path}: {mname}.{key} is missing or has another shape "
-                                      f"than the network built from its config")
+                raise CheckpointError(f"{path}: {prefix}{mname}.{key} is missing or has another "
+                                      f"shape than the network built from its config")
             sd[key] = t.to(ref.dtype)
         module.load_state_dict(sd, strict=True)
-    return json.loads(meta.get("config", "{}"))
 
 
 def model_modules(path: str | Path) -> set[str]:
