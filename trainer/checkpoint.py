@@ -267,18 +267,12 @@ def load_compact(path: str | Path, *, stage: str, modules: Mapping[str, torch.nn
     """Load a :func:`save_compact` file into ``modules`` (cast to their dtype). Returns
     (step, extra tensors, extra JSON). CheckpointError for another stage's file, a
     missing module or a shape that does not fit."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"warm-start file {path} does not exist")
+    meta, tensors = _read_file(path, "warm-start file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         extra = json.loads(meta.get("extra", "{}"))
         step = int(meta["step"])
-    except (OSError, SafetensorError, ValueError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         raise CheckpointError(f"warm-start file {path} is unreadable: {e}") from None
     if meta.get("format") != "deeprecon-compact" or meta.get("stage") != stage:
         raise CheckpointError(f"{path} is not a compact {stage} state "
@@ -309,21 +303,26 @@ def save_model(path: str | Path, modules: Mapping[str, torch.nn.Module], *,
 def load_model(path: str | Path, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
     """Load a :func:`save_model` file into ``modules`` (cast to their dtype); returns the
     config stored with it."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"model file {path} is unreadable: {e}") from None
+    meta, tensors = _read_file(path, "model file")
     if meta.get("format") != "deeprecon-model":
         raise CheckpointError(f"{path} is not a deeprecon model file")
     _load_modules(path, tensors, modules)
     return json.loads(meta.get("config", "{}"))
+
+
+def _read_file(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; CheckpointError naming ``what`` when it
+    is missing or unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{what} {path} is unreadable: {e}") from None
 
 
 def _load_modules(path: Path, tensors: Mapping[str, torch.Tensor],
