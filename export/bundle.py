@@ -1,5 +1,5 @@
 """Write a model bundle: trained networks -> manifest + safetensors weights + torch.export
-programs, verified before the bundle exists.
+programs + ONNX graphs (forward and gradient), verified before the bundle exists.
 
 :func:`build_bundle` takes the four networks (encoder E, generator G, segmenter U-Net,
 LPIPS) and their :class:`~deeprecon.trainer.config.ModelConfig`; :func:`export_bundle`
@@ -9,16 +9,25 @@ described in :mod:`deeprecon.runtime.bundle`, which reads what this module write
 
 How a bundle is written, and why:
 
-- every network is exported with :func:`deeprecon.export.onnx.export_program` (batch
+- weights are stored once: ``weights/<network>.safetensors`` (float32 state dicts; the
+  generator's also holds ``w_avg`` [w_dim] under that plain name, the centre of the
+  latent space that inversion starts from; LPIPS only the layers it uses). Every
+  artifact reads them from there: a torch program takes them as leading inputs
+  (:class:`_Lifted`), an ONNX graph points at them as external data
+  (:func:`~deeprecon.export.onnx.link_external_weights`);
+- the graphs (:data:`GRAPHS`): encoder, generator, segmenter (torch program and ONNX),
+  lpips (torch program: the torch runner differentiates through it), lpips_features
+  and hybrid_grad (ONNX: the explicit VJP of :mod:`deeprecon.export.vjp`, so that a
+  runtime without torch can invert);
+- every program is exported with :func:`deeprecon.export.onnx.export_program` (batch
   dimension dynamic) from a float32 CPU copy in eval mode (the caller's modules are not
   changed); the program's example inputs are dropped before ``torch.export.save``,
   which would otherwise pickle them (the runtime refuses any pickle in a bundle);
-- weights are float32 safetensors of each network's state dict; the generator's also
-  holds ``w_avg`` [w_dim] under that plain name (the centre of the latent space, which
-  inversion starts from; in the state dict it is ``mapping.w_avg``);
-- every saved program is loaded back and run against its network on a fresh random
-  batch of 3 (a batch size it was not traced with): an output that differs by more than
-  ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`;
+- every artifact is loaded back (ONNX graphs in onnxruntime) and run on a fresh random
+  batch of 3 (a batch size it was not traced with) against PyTorch: the module, or for
+  hybrid_grad ``torch.func.vjp`` of the real networks' loss. An output that differs by
+  more than ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`;
+  the errors measured go into the manifest (``artifacts.<kind>.check``);
 - manifest.json is written last, into a hidden temporary folder beside ``out`` that is
   renamed onto ``out`` only when everything has been written and verified: a bundle
   folder is either complete or absent.
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -38,17 +49,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from deeprecon.runtime.bundle import (BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
+from deeprecon.runtime.bundle import (BATCH, BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
                                       check_program_archive, graph_specs, load_bundle,
                                       sha256_file)
-from deeprecon.runtime.errors import BundleError, NoInputError, UsageError
+from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
 from deeprecon.runtime.inversion import InversionSettings
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
 
-from .onnx import ExportVerificationError, export_program
+from .onnx import MAX_BATCH, ExportVerificationError, export_onnx, export_program, link_external_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +73,30 @@ VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
 VERIFY_BATCH = 3
 EXAMPLE_BATCH = 2
+FORWARD_BATCH = 32  # the batch range's "opt" of the forward graphs (the runtime's EVAL_BATCH)
 
-GRAPH_FILES = {g: {"torch_program": f"programs/{g}.pt2", "weights": f"weights/{g}.safetensors"}
-               for g in ("encoder", "generator", "segmenter", "lpips")}
+#: graph -> (the networks whose weights it reads, the artifacts export writes for it)
+GRAPHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "encoder": (("encoder",), ("torch_program", "onnx")),
+    "generator": (("generator",), ("torch_program", "onnx")),
+    "segmenter": (("segmenter",), ("torch_program", "onnx")),
+    "lpips": (("lpips",), ("torch_program",)),
+    "lpips_features": (("lpips",), ("onnx",)),
+    "hybrid_grad": (("generator", "encoder", "lpips"), ("onnx",)),
+}
+NETWORKS = ("encoder", "generator", "segmenter", "lpips")
+#: the graphs only the onnxruntime runner needs (left out with ``onnx=False``)
+GRADIENT_GRAPHS = ("lpips_features", "hybrid_grad")
+
+
+def weight_file(net: str) -> str:
+    return f"weights/{net}.safetensors"
+
+
+def artifact_file(graph: str, kind: str) -> str:
+    # ONNX graphs sit above weights/: onnxruntime reads external data only from the
+    # graph's folder or below it
+    return f"programs/{graph}.pt2" if kind == "torch_program" else f"{graph}.onnx"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -82,8 +114,14 @@ def versions() -> dict[str, str]:
     """The versions recorded in a manifest."""
     from deeprecon.runtime import __version__
 
-    return {"deeprecon": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    v = {"deeprecon": __version__, "torch": torch.__version__,
+         "python": platform.python_version()}
+    for dist in ("onnx", "onnxruntime"):
+        try:
+            v[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return v
 
 
 # ----------------------------------------------------------------------------- build
@@ -98,55 +136,126 @@ def _prepare(module: torch.nn.Module, name: str) -> torch.nn.Module:
     return m.requires_grad_(False)
 
 
-def _inputs(graph: str, batch: int, *, resolution: int, num_ws: int, w_dim: int,
-            w_avg: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random inputs of ``graph`` (float32, CPU): images uniform in [-1, 1] [B, 1, R, R];
-    w+ = w_avg + N(0, 1) [B, L, C]."""
-    def image() -> torch.Tensor:
-        return torch.rand(batch, 1, resolution, resolution, generator=gen) * 2 - 1
+class _Lifted(torch.nn.Module):
+    """``net`` with its state as leading inputs: ``forward(*state, *inputs)``. The
+    network is hidden from the module tree, so the exported program holds no weights:
+    the runtime feeds them from the bundle's safetensors files (stored once)."""
 
-    if graph == "generator":
-        return (w_avg[None, None] + torch.randn(batch, num_ws, w_dim, generator=gen),)
-    if graph == "lpips":
-        return (image(), image())
-    return (image(),)
+    def __init__(self, net: torch.nn.Module, keys: tuple[str, ...]):
+        super().__init__()
+        self._net = [net]
+        self.keys = keys
+
+    def forward(self, *args: torch.Tensor):
+        k = len(self.keys)
+        return torch.func.functional_call(self._net[0], dict(zip(self.keys, args[:k])),
+                                          tuple(args[k:]), strict=False)
 
 
-def _weights(graph: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The float32 state dict of ``module`` (independent contiguous CPU tensors), plus
-    ``w_avg`` for the generator."""
+def _state(net: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What weights/<net>.safetensors holds: the float32 state dict of ``module``
+    (independent contiguous CPU tensors; LPIPS: the layers it uses), plus ``w_avg`` for
+    the generator."""
+    sd = module.used_state_dict() if net == "lpips" else module.state_dict()
     tensors = {}
-    for key, value in module.state_dict().items():
+    for key, value in sd.items():
         t = value.detach().to("cpu")
         tensors[key] = (t.float() if t.is_floating_point() else t).contiguous().clone()
-    if graph == "generator":
+    if net == "generator":
         tensors["w_avg"] = module.mapping.w_avg.detach().float().cpu().contiguous().clone()
     return tensors
 
 
-def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int) -> dict:
-    """Max abs and relative error of a reloaded program's outputs against the network's;
-    ExportVerificationError above tolerance or on a shape that breaks the spec."""
+def _graph_module(graph: str, nets: Mapping[str, torch.nn.Module]) -> torch.nn.Module:
+    """The module whose artifacts are ``graph``'s."""
+    from .vjp import HybridGrad, LpipsFeatures
+
+    if graph in NETWORKS:
+        return nets[graph]
+    if graph == "lpips_features":
+        return LpipsFeatures(nets["lpips"]).eval()
+    from deeprecon.trainer.networks import Encoder, Generator
+
+    if not isinstance(nets["generator"], Generator) or not isinstance(nets["encoder"], Encoder):
+        raise UsageError("the inversion's gradient graph is written for the trainer's "
+                         "Generator and Encoder (deeprecon.trainer.networks)",
+                         hint="build the bundle with onnx=False for other networks")
+    return HybridGrad(nets["generator"], nets["encoder"], nets["lpips"]).eval()
+
+
+class _Inputs:
+    """Random inputs of the graphs (float32, CPU): images uniform in [-1, 1]
+    [B, 1, R, R]; w+ = w_avg + N(0, 1) [B, L, C]; the LPIPS features of random images;
+    an external gradient of the size of the fused terms' (0.01 N(0, 1)); lambdas
+    (lambda1, lambda3) of the inversion defaults."""
+
+    def __init__(self, model: ModelConfig, w_avg: torch.Tensor, lpips_features, lambdas, seed: int):
+        self.r, self.num_ws, self.w_dim = model.resolution, model.generator.num_ws, model.generator.w_dim
+        self.w_avg, self.features, self.lambdas = w_avg, lpips_features, lambdas
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def image(self, batch: int) -> torch.Tensor:
+        return torch.rand(batch, 1, self.r, self.r, generator=self.gen) * 2 - 1
+
+    def w(self, batch: int) -> torch.Tensor:
+        return self.w_avg[None, None] + torch.randn(batch, self.num_ws, self.w_dim, generator=self.gen)
+
+    def __call__(self, graph: str, batch: int) -> tuple[torch.Tensor, ...]:
+        if graph == "generator":
+            return (self.w(batch),)
+        if graph == "lpips":
+            return (self.image(batch), self.image(batch))
+        if graph == "hybrid_grad":
+            with torch.no_grad():
+                fx = self.features(self.image(batch))
+            g_ext = 0.01 * torch.randn(batch, 1, self.r, self.r, generator=self.gen)
+            return (self.w(batch), *fx, g_ext, self.lambdas.clone())
+        return (self.image(batch),)
+
+
+def _hybrid_reference(G, E, lp, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hybrid_grad graph's outputs by autograd (``torch.func.vjp``) of the real
+    networks: the reference its explicit VJP is checked against."""
+    w, *fx, g_ext, lam = inputs
+
+    def loss(wa):
+        y = G(wa)
+        rest = lam[0] * lp.distance_to(list(fx), y) + lam[1] * (wa - E(y)).square().mean(dim=(1, 2))
+        return rest + (y * g_ext).sum(dim=(1, 2, 3)), rest
+
+    (total, rest), vjp = torch.func.vjp(loss, w, has_aux=False)
+    (grad,) = vjp((torch.ones_like(total), torch.zeros_like(rest)))
+    return rest.detach(), grad.detach()
+
+
+def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int,
+             rtol: float = None, atol: float = None) -> dict:
+    """Max abs and relative error of an artifact's outputs against the reference;
+    ExportVerificationError above ``atol + rtol * max|reference|`` or on a shape that
+    breaks the spec."""
+    rtol = VERIFY_RTOL if rtol is None else rtol
+    atol = VERIFY_ATOL if atol is None else atol
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     gots = [got] if isinstance(got, torch.Tensor) else list(got)
     if len(refs) != len(gots) or len(refs) != len(spec_outputs):
-        raise ExportVerificationError(f"{graph}: the program gives {len(gots)} outputs, the "
-                                      f"network {len(refs)}, the spec {len(spec_outputs)}")
+        raise ExportVerificationError(f"{graph}: the artifact gives {len(gots)} outputs, the "
+                                      f"reference {len(refs)}, the spec {len(spec_outputs)}")
     worst = {"max_abs_err": 0.0, "max_rel_err": 0.0}
     for spec, r, g in zip(spec_outputs, refs, gots):
+        g = torch.as_tensor(g)
         want = [batch if d == "batch" else d for d in spec["shape"]]
         if list(r.shape) != want or list(g.shape) != want:
             raise ExportVerificationError(
-                f"{graph}: output {spec['name']!r} has shape {list(g.shape)} (program) / "
-                f"{list(r.shape)} (network), the manifest says {spec['shape']} (batch {batch})")
+                f"{graph}: output {spec['name']!r} has shape {list(g.shape)} (artifact) / "
+                f"{list(r.shape)} (reference), the manifest says {spec['shape']} (batch {batch})")
         r64, g64 = r.detach().double(), g.detach().double()
         scale = float(r64.abs().max())
         err = float((g64 - r64).abs().max())
-        if not torch.isfinite(g64).all() or err > VERIFY_ATOL + VERIFY_RTOL * scale:
+        if not torch.isfinite(g64).all() or err > atol + rtol * scale:
             raise ExportVerificationError(
-                f"{graph}: the saved program disagrees with the network on output "
+                f"{graph}: the exported artifact disagrees with PyTorch on output "
                 f"{spec['name']!r}: max_abs_err {err:.3g} (|ref| max {scale:.3g}), tolerance "
-                f"atol {VERIFY_ATOL:g} + rtol {VERIFY_RTOL:g} * |ref| max")
+                f"atol {atol:g} + rtol {rtol:g} * |ref| max")
         worst["max_abs_err"] = max(worst["max_abs_err"], err)
         worst["max_rel_err"] = max(worst["max_rel_err"], err / scale if scale > 0 else err)
     return worst
@@ -165,12 +274,22 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          f"refusing to replace it", hint="choose another -o")
 
 
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UnavailableError(f"writing the ONNX graphs of a bundle needs {', '.join(missing)}, "
+                               f"which {'is' if len(missing) == 1 else 'are'} not installed",
+                               hint="pip install 'deeprecon-rt[train]' (or build the bundle "
+                                    "with onnx=False: a torch-only bundle)")
+
+
 def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Module,
                  generator: torch.nn.Module, segmenter: torch.nn.Module,
                  lpips: torch.nn.Module, name: str | None = None,
                  inversion: Mapping[str, Any] | None = None,
                  provenance: Mapping[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, onnx: bool = True) -> Path:
     """Write the bundle folder ``out`` from the networks and return its path.
 
     model:      the ModelConfig the networks were built from (preset, grid, w+ shape,
@@ -179,16 +298,19 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     generator:  w+ [B, L, C] -> image [B, 1, R, R] (``forward`` is the synthesis network;
                 ``mapping.w_avg`` is its latent average).
     segmenter:  image [B, 1, R, R] -> logits [B, K, R, R], K = 4 labels.
-    lpips:      (x, y) [B, 1, R, R] in [-1, 1] -> distance [B].
+    lpips:      the trainer's LPIPS module ((x, y) [B, 1, R, R] in [-1, 1] -> distance [B]).
     name:       the bundle's name (default: the folder's name).
     inversion:  overrides of INVERSION_DEFAULTS.
     provenance: {"runs": {stage: path}, "command": str or None, and any other JSON data
                 (training records, licence, validation figures)} (default: none).
     overwrite:  replace an existing bundle at ``out`` (UsageError otherwise; a folder
                 that is not a bundle is never replaced).
+    onnx:       also write the ONNX graphs (forward and gradient graphs), which the
+                onnxruntime runner needs; False writes a torch-only bundle (faster, for
+                tests of other parts).
 
     The networks are exported from float32 CPU copies in eval mode. Raises
-    ExportVerificationError when a saved program disagrees with its network.
+    ExportVerificationError when a written artifact disagrees with PyTorch.
     """
     out = Path(out)
     _check_out(out, overwrite)
@@ -196,6 +318,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
         raise NoInputError(f"cannot write {out}: the folder {out.parent} does not exist")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise UsageError(f"the bundle name must be a non-empty string, got {name!r}")
+    if onnx:
+        _require_onnx()
     inv = inversion_settings(inversion)
     prov = {"runs": {}, "command": None, **dict(provenance or {})}
     try:
@@ -209,38 +333,54 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     if model.unet.n_classes != len(labels):
         raise UsageError(f"the segmenter has {model.unet.n_classes} classes, the label map "
                          f"{len(labels)}")
-    specs = graph_specs(resolution=r, num_ws=num_ws, w_dim=w_dim, n_classes=len(labels))
-    nets = {g: _prepare(m, g) for g, m in (("encoder", encoder), ("generator", generator),
-                                           ("segmenter", segmenter), ("lpips", lpips))}
+    nets = {n: _prepare(m, n) for n, m in zip(NETWORKS, (encoder, generator, segmenter, lpips))}
     w_avg = getattr(getattr(nets["generator"], "mapping", None), "w_avg", None)
     if not isinstance(w_avg, torch.Tensor) or tuple(w_avg.shape) != (w_dim,):
         raise UsageError(f"the generator needs a mapping network with a w_avg buffer "
                          f"[{w_dim}] (a trainer.networks.Generator)")
     w_avg = w_avg.detach().float()
+    features = _graph_module("lpips_features", nets)
+    with torch.no_grad():
+        probe = features(torch.zeros(1, 1, r, r))
+    specs = graph_specs(resolution=r, num_ws=num_ws, w_dim=w_dim, n_classes=len(labels),
+                        lpips_shapes=[tuple(f.shape[1:]) for f in probe])
+    graphs = [g for g in GRAPHS if onnx or g not in GRADIENT_GRAPHS]
+    lambdas = torch.tensor([inv["lambda1"], inv["lambda3"]], dtype=torch.float32)
+    inputs = _Inputs(model, w_avg, features, lambdas, seed=0)
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        gen = torch.Generator().manual_seed(0)
-        checks = {}
-        for graph, net in nets.items():
-            files = GRAPH_FILES[graph]
-            kw = dict(resolution=r, num_ws=num_ws, w_dim=w_dim, w_avg=w_avg, gen=gen)
+        (tmp / "weights").mkdir()
+        (tmp / "programs").mkdir()
+        states = {n: _state(n, nets[n]) for n in NETWORKS}
+        for n in NETWORKS:  # every weight once: the artifacts read these files
+            save_file(states[n], str(tmp / weight_file(n)),
+                      metadata={"format": BUNDLE_FORMAT, "network": n})
+        entries = {}
+        for g in graphs:
+            net_names, kinds = GRAPHS[g]
             t0 = time.perf_counter()
-            program = export_program(net, _inputs(graph, EXAMPLE_BATCH, **kw))
-            program._example_inputs = None  # torch.export.save would pickle them
-            ppath, wpath = tmp / files["torch_program"], tmp / files["weights"]
-            ppath.parent.mkdir(exist_ok=True)
-            wpath.parent.mkdir(exist_ok=True)
-            torch.export.save(program, str(ppath))
-            del program
-            save_file(_weights(graph, net), str(wpath),
-                      metadata={"format": BUNDLE_FORMAT, "graph": graph})
-            checks[graph] = _verify_program(graph, ppath, net,
-                                            _inputs(graph, VERIFY_BATCH, **kw), specs[graph])
-            log.info("%s: exported and verified in %.1f s (max_abs_err %.2g, max_rel_err %.2g)",
-                     graph, time.perf_counter() - t0, checks[graph]["max_abs_err"],
-                     checks[graph]["max_rel_err"])
+            module = features if g == "lpips_features" else _graph_module(g, nets)
+            artifacts = {}
+            for kind in kinds:
+                if kind == "onnx" and not onnx:
+                    continue
+                rel = artifact_file(g, kind)
+                if kind == "torch_program":
+                    artifacts[kind] = _write_program(tmp, rel, g, module, net_names[0],
+                                                     states, inputs, specs[g])
+                else:
+                    artifacts[kind] = _write_onnx(tmp, rel, g, module, net_names, inputs,
+                                                  specs[g], nets)
+            opt = inv["batch"] if g in GRADIENT_GRAPHS else FORWARD_BATCH
+            entries[g] = {**specs[g], "weights": list(net_names),
+                          "batch": {"min": 1, "opt": opt, "max": MAX_BATCH},
+                          "artifacts": artifacts}
+            log.info("%s: %s written and verified in %.1f s (%s)", g, " + ".join(artifacts),
+                     time.perf_counter() - t0,
+                     ", ".join(f"{k} max_rel_err {a['check']['max_rel_err']:.2g}"
+                               for k, a in artifacts.items()))
 
         files_meta = {}
         for p in sorted(tmp.rglob("*")):
@@ -256,7 +396,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
             "preprocess": model.preprocess.to_dict(),
             "labels": labels,
             "inversion": inv,
-            "graphs": {g: {**specs[g], "files": dict(GRAPH_FILES[g])} for g in nets},
+            "weights": {n: weight_file(n) for n in NETWORKS},
+            "graphs": entries,
             "files": files_meta,
             "versions": versions(),
             "provenance": prov,
@@ -279,6 +420,72 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     return out
 
 
+def _write_program(tmp: Path, rel: str, graph: str, module: torch.nn.Module, net: str,
+                   states: Mapping[str, dict], inputs: _Inputs, spec: Mapping[str, Any]) -> dict:
+    """The torch.export program of ``graph`` with its weights as leading inputs (read
+    from weights/<net>.safetensors), loaded back and checked against ``module``."""
+    own = module.state_dict()
+    keys = tuple(k for k in states[net] if k in own)
+    lifted = _Lifted(module, keys)
+    state = [states[net][k] for k in keys]
+    example = inputs(graph, EXAMPLE_BATCH)
+    program = export_program(lifted, (*state, *example),
+                             batch_inputs=[False] * len(keys) + [True] * len(example))
+    program._example_inputs = None  # torch.export.save would pickle them
+    path = tmp / rel
+    torch.export.save(program, str(path))
+    del program
+    check_program_archive(path, f"{graph} program")
+    loaded = torch.export.load(str(path)).module()
+    saved = load_file(str(tmp / weight_file(net)))  # the state as the runtime reads it
+    x = inputs(graph, VERIFY_BATCH)
+    with torch.no_grad():
+        ref = module(*x)
+        got = loaded(*[saved[k] for k in keys], *x)
+    check = _compare(graph, got, ref, spec["outputs"], VERIFY_BATCH)
+    return {"file": rel, "state": [[net, k] for k in keys],
+            "check": {**check, "reference": "module", "batch": VERIFY_BATCH}}
+
+
+def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
+                net_names: tuple[str, ...], inputs: _Inputs, spec: Mapping[str, Any],
+                nets: Mapping[str, torch.nn.Module]) -> dict:
+    """The ONNX graph of ``graph`` (batch dynamic), its weights linked into the
+    safetensors files, run in onnxruntime and checked: forward graphs against the
+    module, ``hybrid_grad`` against ``torch.func.vjp`` of the real networks."""
+    import onnx as onnx_lib
+    import onnxruntime as ort
+
+    example = inputs(graph, EXAMPLE_BATCH)
+    flags = [bool(t["shape"]) and t["shape"][0] == BATCH for t in spec["inputs"]]
+    program = export_program(module, example, batch_inputs=flags)
+    path = tmp / rel
+    export_onnx(program, example, path, input_names=[t["name"] for t in spec["inputs"]],
+                output_names=[t["name"] for t in spec["outputs"]], optimize=False)
+    del program
+    link = link_external_weights(path, [tmp / weight_file(n) for n in net_names])
+    opset = next(o.version for o in onnx_lib.load(str(path), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    x = inputs(graph, VERIFY_BATCH)
+    got = session.run(None, {t["name"]: a.numpy() for t, a in zip(spec["inputs"], x)})
+    del session
+    if graph == "hybrid_grad":
+        ref, reference = _hybrid_reference(nets["generator"], nets["encoder"], nets["lpips"], x), \
+            "torch.func.vjp"
+    else:
+        with torch.no_grad():
+            ref, reference = module(*x), "module"
+    check = _compare(graph, [torch.from_numpy(a) for a in got], ref, spec["outputs"], VERIFY_BATCH)
+    return {"file": rel, "opset": int(opset),
+            "check": {**check, "reference": reference, "batch": VERIFY_BATCH,
+                      "weights_linked_bytes": link["linked_bytes"],
+                      "inline_bytes": link["inline_bytes"]}}
+
+
 def _publishable(folder: Path) -> None:
     """Ordinary permissions (umask applied) on the folder and everything in it:
     ``mkdtemp`` makes a private folder, and a bundle is meant to be read by others."""
@@ -286,17 +493,6 @@ def _publishable(folder: Path) -> None:
     os.umask(umask)
     for p in [folder, *folder.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _verify_program(graph: str, path: Path, net: torch.nn.Module, inputs: tuple,
-                    spec: Mapping[str, Any]) -> dict:
-    """Load the saved program back (no pickles allowed) and compare it with ``net``."""
-    check_program_archive(path, f"{graph} program")
-    loaded = torch.export.load(str(path)).module()
-    with torch.no_grad():
-        ref = net(*inputs)
-        got = loaded(*inputs)
-    return _compare(graph, got, ref, spec["outputs"], VERIFY_BATCH)
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -336,7 +532,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
                   lpips_weights: str | Path | None = None, name: str | None = None,
                   inversion: Mapping[str, Any] | None = None, overwrite: bool = False,
                   command: str | None = None,
-                  description: Mapping[str, Any] | None = None) -> Path:
+                  description: Mapping[str, Any] | None = None, onnx: bool = True) -> Path:
     """Write the bundle of a finished chain of training runs and return its path.
 
     run_dir:       a finished ``seg`` run (the segmenter). Its run.json names the
@@ -346,7 +542,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     encoder_run, gan_run: use these runs instead of the ones the chain names.
     lpips_weights: the shift-tolerant LPIPS weight file (default: the installed
                    stlpips-pytorch wheel's; SHA-256 checked).
-    name, inversion, overwrite: as for :func:`build_bundle`.
+    name, inversion, overwrite, onnx: as for :func:`build_bundle`.
     command:       the command line, recorded in the manifest's provenance.
     description:   more provenance, merged into the manifest's (e.g. "licence",
                    "training_data", "validation" figures); it may not replace the keys
@@ -424,7 +620,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     lp = load_lpips(weights_path=lpips_weights, layers=model.lpips_layers)
     order = ("gan", "encoder", "latents", "seg")
     return build_bundle(out, model=model, encoder=E, generator=G, segmenter=S, lpips=lp,
-                        name=name, inversion=inversion, overwrite=overwrite,
+                        name=name, inversion=inversion, overwrite=overwrite, onnx=onnx,
                         provenance={"runs": {k: str(runs[k]) for k in order if k in runs},
                                     "command": command,
                                     "training": {k: _run_record(runs[k]) for k in order if k in runs},
@@ -476,10 +672,11 @@ def random_networks(preset: str = "tiny", *, seed: int = 0) -> dict[str, torch.n
 def random_bundle(out: str | Path, *, preset: str = "tiny", seed: int = 0,
                   lpips_weights: str | Path | None = None,
                   inversion: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  command: str | None = None) -> Path:
+                  command: str | None = None, onnx: bool = True) -> Path:
     """A bundle of :func:`random_networks` and the real LPIPS, named ``<preset>-random-seed<N>``:
     the whole pipeline runs on it with the speed of a trained bundle of the same preset,
-    and meaningless segmentations. For tests and benchmarks."""
+    and meaningless segmentations. For tests and benchmarks (``onnx`` as for
+    :func:`build_bundle`)."""
     from deeprecon.trainer.config import get_preset
     from deeprecon.trainer.lpips import load_lpips
 
@@ -488,8 +685,9 @@ def random_bundle(out: str | Path, *, preset: str = "tiny", seed: int = 0,
                                                            layers=model.lpips_layers),
                         name=f"{preset}-random-seed{seed}", inversion=inversion,
                         provenance={"runs": {}, "command": command},
-                        overwrite=overwrite, **random_networks(preset, seed=seed))
+                        overwrite=overwrite, onnx=onnx, **random_networks(preset, seed=seed))
 
 
-__all__ = ["INVERSION_DEFAULTS", "VERIFY_RTOL", "VERIFY_ATOL", "build_bundle", "export_bundle",
+__all__ = ["INVERSION_DEFAULTS", "VERIFY_RTOL", "VERIFY_ATOL", "GRAPHS", "NETWORKS",
+           "GRADIENT_GRAPHS", "build_bundle", "export_bundle",
            "inversion_settings", "versions", "random_networks", "random_bundle"]

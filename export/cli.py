@@ -51,7 +51,7 @@ def _require_torch() -> None:
 
 def _command_line(run_dir: Path, out: Path, encoder: Optional[Path], gan: Optional[Path],
                   lpips_weights: Optional[Path], name: Optional[str], sets: list[str],
-                  overwrite: bool, describe: Optional[Path] = None) -> str:
+                  overwrite: bool, describe: Optional[Path] = None, no_onnx: bool = False) -> str:
     """The command as recorded in the manifest's provenance (paths as given)."""
     args = ["deeprecon-rt", "export", str(run_dir), "-o", str(out)]
     for opt, value in (("--encoder", encoder), ("--gan", gan),
@@ -63,6 +63,8 @@ def _command_line(run_dir: Path, out: Path, encoder: Optional[Path], gan: Option
         args += ["--set", item]
     if overwrite:
         args.append("--overwrite")
+    if no_onnx:
+        args.append("--no-onnx")
     return shlex.join(args)
 
 
@@ -81,10 +83,13 @@ def export(
     set_: List[str] = typer.Option([], "--set", help="Override an inversion default, KEY=VALUE (repeatable): steps, lr, lambda1, lambda2, lambda3, ncc_window, early_stop_patience, early_stop_rel_tol, roi_dilation_mm, batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     describe: Optional[Path] = typer.Option(None, "--describe", help="A JSON object merged into the manifest's provenance: e.g. licence, training_data, validation figures."),
+    no_onnx: bool = typer.Option(False, "--no-onnx", help="Write a torch-only bundle: no ONNX graphs, so the onnxruntime backend cannot run it."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """Write a model bundle: manifest.json, float32 safetensors weights and verified
-    torch.export programs of the encoder, generator, segmenter and LPIPS."""
+    """Write a model bundle: manifest.json, float32 safetensors weights (each stored
+    once), verified torch.export programs of the encoder, generator, segmenter and
+    LPIPS, and verified ONNX graphs: the forward graphs and the gradient graphs of the
+    inversion."""
     sets = _parse_sets(set_)
     description = None
     if describe is not None:
@@ -105,9 +110,9 @@ def export(
     t0 = time.perf_counter()
     path = export_bundle(run_dir, out, encoder_run=encoder, gan_run=gan,
                          lpips_weights=lpips_weights, name=name, inversion=sets,
-                         overwrite=overwrite, description=description,
+                         overwrite=overwrite, description=description, onnx=not no_onnx,
                          command=_command_line(run_dir, out, encoder, gan, lpips_weights, name,
-                                               set_, overwrite, describe))
+                                               set_, overwrite, describe, no_onnx))
     bundle = load_bundle(path, verify=False)
     seconds = round(time.perf_counter() - t0, 2)
     if as_json:

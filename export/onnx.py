@@ -31,21 +31,36 @@ class ExportVerificationError(DeepreconError):
     """An exported graph disagrees with the PyTorch module beyond the stated tolerance."""
 
 
-def _batch_dynamic_shapes(example_inputs: tuple, dynamic_batch: bool):
-    """``dynamic_shapes`` for torch.export: dim 0 of every tensor input is one shared
-    batch Dim (None when ``dynamic_batch`` is False)."""
+def _batch_dynamic_shapes(model, example_inputs: tuple, dynamic_batch: bool,
+                          batch_inputs: Sequence[bool] | None = None):
+    """``dynamic_shapes`` for torch.export: dim 0 of every tensor input (or of those
+    ``batch_inputs`` marks) is one shared batch Dim; None when ``dynamic_batch`` is False.
+    A ``forward(a, *rest)`` gets the nested structure torch.export wants."""
+    import inspect
+
     import torch
 
     if not dynamic_batch:
         return None
+    if batch_inputs is None:
+        batch_inputs = [isinstance(x, torch.Tensor) for x in example_inputs]
+    if len(batch_inputs) != len(example_inputs):
+        raise ValueError(f"{len(batch_inputs)} batch flags for {len(example_inputs)} inputs")
     batch = torch.export.Dim(BATCH_DIM_NAME, min=1, max=MAX_BATCH)
-    return tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    flat = tuple({0: batch} if b else None for b in batch_inputs)
+    params = list(inspect.signature(model.forward).parameters.values())
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return (*flat[:len(fixed)], flat[len(fixed):])
+    return flat
 
 
 def export_program(model: "torch.nn.Module", example_inputs: tuple, *,
-                   dynamic_batch: bool = True) -> "torch.export.ExportedProgram":
+                   dynamic_batch: bool = True, batch_inputs: Sequence[bool] | None = None
+                   ) -> "torch.export.ExportedProgram":
     """``torch.export.export`` of ``model`` (switched to eval mode) on ``example_inputs``, with
-    dim 0 of every tensor input as one dynamic batch dimension (1 .. MAX_BATCH).
+    dim 0 of every tensor input (or of those ``batch_inputs`` marks) as one dynamic batch
+    dimension (1 .. MAX_BATCH).
 
     The example batch should be >= 2 (a batch of 1 would be specialised by the tracer).
     """
@@ -53,7 +68,7 @@ def export_program(model: "torch.nn.Module", example_inputs: tuple, *,
 
     model = model.eval()
     t0 = time.perf_counter()
-    dynamic_shapes = _batch_dynamic_shapes(example_inputs, dynamic_batch)
+    dynamic_shapes = _batch_dynamic_shapes(model, example_inputs, dynamic_batch, batch_inputs)
     program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     log.debug("torch.export of %s in %.2f s", type(model).__name__, time.perf_counter() - t0)
     return program
@@ -63,7 +78,7 @@ def export_onnx(model: "torch.nn.Module | torch.export.ExportedProgram", example
                 path: str | Path, *,
                 input_names: Sequence[str], output_names: Sequence[str],
                 dynamic_batch: bool = True, opset: int | None = None,
-                external_data: bool = False) -> Path:
+                external_data: bool = False, optimize: bool = True) -> Path:
     """Write ``model`` (switched to eval mode) as an ONNX graph at ``path``; returns the path.
 
     ``model`` may also be the program of :func:`export_program` (traced once, reused; its
@@ -73,7 +88,11 @@ def export_onnx(model: "torch.nn.Module | torch.export.ExportedProgram", example
     tensors, batch >= 2 when ``dynamic_batch``), with the given input and output names;
     with ``dynamic_batch`` dim 0 of every input and output is the symbolic "batch".
     ``opset`` None uses the exporter's recommended opset. ``external_data`` False keeps
-    the weights inside the .onnx file (ONNX's 2 GB protobuf limit applies).
+    the weights inside the .onnx file (ONNX's 2 GB protobuf limit applies). ``optimize``
+    False skips the exporter's graph optimisation, whose constant folding turns
+    weight x gain products into new constants: a bundle keeps the plain weights, so that
+    they can be stored once (:func:`link_external_weights`), and lets onnxruntime fold
+    them when it opens the graph.
     """
     import torch
 
@@ -85,14 +104,16 @@ def export_onnx(model: "torch.nn.Module | torch.export.ExportedProgram", example
         dyn = None
     else:
         model = model.eval()
-        dyn = _batch_dynamic_shapes(example_inputs, dynamic_batch)
+        dyn = _batch_dynamic_shapes(model, example_inputs, dynamic_batch)
         if dyn is not None:
-            dyn = {name: d for name, d in zip(_forward_arg_names(model, len(example_inputs)), dyn)}
+            dyn = {name: d for name, d in zip(_forward_arg_names(model, len(dyn)), dyn)}
     t0 = time.perf_counter()
+    for name in ("onnx_ir", "onnxscript"):  # their INFO lines name every rewrite
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, verbose=False,
                                 input_names=list(input_names), output_names=list(output_names),
                                 opset_version=opset, dynamic_shapes=dyn,
-                                external_data=external_data)
+                                external_data=external_data, optimize=optimize)
     program.save(str(path), external_data=external_data)
     log.info("ONNX export of %s -> %s in %.2f s", _name(model), path,
              time.perf_counter() - t0)
@@ -112,7 +133,7 @@ def _forward_arg_names(model, n: int) -> list[str]:
     import inspect
 
     params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
     if len(params) < n:
         raise ValueError(f"{type(model).__name__}.forward takes {len(params)} positional "
                          f"arguments, got {n} example inputs")
@@ -189,5 +210,65 @@ def verify_onnx(path: str | Path, model: "torch.nn.Module", inputs: tuple, *,
     return report
 
 
-__all__ = ["ExportVerificationError", "export_program", "export_onnx", "verify_onnx",
+def link_external_weights(onnx_path: str | Path, weight_files: Sequence[str | Path]
+                          ) -> dict[str, int]:
+    """Store each weight once: every initializer of the ONNX graph at ``onnx_path`` whose
+    dtype, shape and bytes equal a tensor of one of the safetensors ``weight_files``
+    becomes ONNX external data pointing into that file (location relative to the
+    graph's folder, byte offset, length); the rest (folded constants, resampling
+    matrices) stays in the graph. The weight files must lie in the graph's folder or
+    below it (onnxruntime refuses external data outside the model's folder).
+
+    Returns {"linked": count, "linked_bytes": n, "inline_bytes": n}.
+    """
+    import hashlib
+    import json
+    import struct
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    onnx_path = Path(onnx_path)
+    index: dict[tuple, tuple[str, int, int]] = {}
+    for wf in weight_files:
+        wf = Path(wf)
+        rel = wf.resolve().relative_to(onnx_path.parent.resolve()).as_posix()
+        raw = wf.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            a, b = meta["data_offsets"]
+            data = raw[8 + n + a:8 + n + b]
+            dt = {"F32": "float32", "F16": "float16", "I64": "int64"}.get(meta["dtype"])
+            if dt is None:
+                continue
+            index.setdefault((dt, tuple(meta["shape"]), hashlib.sha256(data).digest()),
+                             (rel, 8 + n + a, b - a))
+    model = onnx.load(str(onnx_path))
+    stats = {"linked": 0, "linked_bytes": 0, "inline_bytes": 0}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (np.dtype(arr.dtype).name, tuple(arr.shape),
+               hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest())
+        hit = index.get(key)
+        if hit is None:
+            stats["inline_bytes"] += arr.nbytes
+            continue
+        for field in ("raw_data", "float_data", "int64_data", "int32_data", "double_data"):
+            init.ClearField(field)
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        for k, v in (("location", hit[0]), ("offset", str(hit[1])), ("length", str(hit[2]))):
+            entry = init.external_data.add()
+            entry.key, entry.value = k, v
+        stats["linked"] += 1
+        stats["linked_bytes"] += arr.nbytes
+    onnx.save(model, str(onnx_path))
+    return stats
+
+
+__all__ = ["ExportVerificationError", "link_external_weights", "export_program", "export_onnx", "verify_onnx",
            "BATCH_DIM_NAME", "MAX_BATCH"]

@@ -1,18 +1,32 @@
 """The model bundle on disk: read its manifest, verify every file, describe it, and hand
 the backends its graphs.
 
-A bundle is a folder written by ``deeprecon-rt export`` (:mod:`deeprecon.export.bundle`)::
+A bundle is a folder written by ``deeprecon-rt export`` (:mod:`deeprecon.export.bundle`),
+schema 2::
 
     BUNDLE/
       manifest.json                 everything below, described (schema SCHEMA_VERSION)
-      weights/<graph>.safetensors   float32 state dict of each network
-      programs/<graph>.pt2          torch.export program, batch dimension dynamic
+      weights/<network>.safetensors float32 weights of encoder, generator, segmenter,
+                                    lpips: each weight stored once, read by every artifact
+      programs/<graph>.pt2          torch.export programs, batch dynamic, weights as inputs
+      <graph>.onnx                  ONNX graphs, batch dynamic, weights as external data
+                                    in weights/ (onnxruntime reads external data only
+                                    from the graph's folder or below it)
 
-with the graphs ``encoder`` (image -> w+), ``generator`` (w+ -> image), ``segmenter``
-(image -> logits) and ``lpips`` (x, y -> distance). ``manifest.json`` holds the model
-grid and preprocessing, the label map, the inversion defaults, every graph's tensor
-names, dtypes and shapes (``"batch"`` for the dynamic dimension), every other file with
-its size and SHA-256, the versions that wrote it and where its networks came from.
+Graphs: ``encoder`` (image -> w+), ``generator`` (w+ -> image), ``segmenter`` (image ->
+logits), ``lpips`` (x, y -> distance), and the gradient graphs that let a runtime
+without torch invert: ``lpips_features`` (x -> the normalised LPIPS features of x) and
+``hybrid_grad`` (w, features of x, the fused kernel's gradient at G(w), lambdas ->
+loss, dloss/dw). Per graph the manifest holds its inputs and outputs (names, dtypes,
+shapes, ``"batch"`` for the dynamic dimension), its batch range (min / opt / max), the
+networks whose weights it reads, and its artifacts by backend: ``torch_program``
+(file, the ordered state it takes), ``onnx`` (file, opset), ``tensorrt_plan`` (file,
+TensorRT version, compute capability: room for it, not written here), each with the
+errors measured against PyTorch at export. Besides: the model grid and
+preprocessing, the label map, the inversion defaults, every file with its size and
+SHA-256, the versions that wrote it and where its networks came from. Schema-1 bundles
+(weights copied into every program, no gradient graphs) are refused with a message
+that says how to export them again.
 
 Identity and integrity. The bundle's identity is the SHA-256 of ``manifest.json``'s
 bytes (:attr:`Bundle.sha256`): the manifest pins every other file by its hash, so two
@@ -31,11 +45,12 @@ code) is refused before torch ever reads it, so loading a bundle never runs code
 its files. Weights are read with safetensors.
 
 This module imports no torch (nor the trainer or the exporter): the manifest, the
-weights (as numpy) and :meth:`Bundle.describe` work on a machine without it; only
-:meth:`Bundle.load_program` needs torch.
+weights (as numpy), :meth:`Bundle.artifact` and :meth:`Bundle.describe` work on a
+machine without it; only :meth:`Bundle.load_program` needs torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,17 +73,21 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "deeprecon-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 BATCH = "batch"  # the name of the dynamic batch dimension in tensor shapes
 
-# The graphs every bundle has, in pipeline order.
+# The graphs every bundle has, in pipeline order; the gradient graphs a bundle with ONNX
+# graphs has (the onnxruntime runner needs them); the networks whose weights it stores.
 GRAPH_NAMES = ("encoder", "generator", "segmenter", "lpips")
+GRADIENT_GRAPHS = ("lpips_features", "hybrid_grad")
+NETWORKS = ("encoder", "generator", "segmenter", "lpips")
+ARTIFACT_KINDS = ("torch_program", "onnx", "tensorrt_plan")
 # The inversion settings a manifest must give (name -> int or float): the fields of
 # InversionSettings, which also holds their defaults and ranges.
 INVERSION_KEYS: dict[str, type] = InversionSettings.field_types()
 MANIFEST_KEYS = ("format", "schema_version", "name", "created", "model", "preprocess", "labels",
-                 "inversion", "graphs", "files", "versions", "provenance")
+                 "inversion", "weights", "graphs", "files", "versions", "provenance")
 MODEL_KEYS = ("preset", "resolution", "num_ws", "w_dim", "config")
 
 _HASH_CHUNK = 1 << 20
@@ -122,20 +141,30 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """A graph of the bundle: its inputs and outputs (in call order) and its files by
-    kind (``"torch_program"``, ``"weights"``; paths relative to the bundle)."""
+    """A graph of the bundle: its inputs and outputs (in call order), its artifacts by
+    kind (``"torch_program"``, ``"onnx"``, ``"tensorrt_plan"``: dicts with at least
+    ``"file"``, relative to the bundle), the networks whose weights it reads and its
+    batch range {"min", "opt", "max"}. Graphs a runner composes have none of these."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    files: dict[str, str]
+    artifacts: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    weights: tuple[str, ...] = ()
+    batch: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
-    def __hash__(self) -> int:  # files is a dict: hash its items
+    def __hash__(self) -> int:  # artifacts is a dict: hash the files
         return hash((self.name, self.inputs, self.outputs, tuple(sorted(self.files.items()))))
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Artifact kind -> its file (relative to the bundle)."""
+        return {kind: a["file"] for kind, a in self.artifacts.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs], "files": dict(self.files)}
+                "outputs": [t.to_dict() for t in self.outputs], "weights": list(self.weights),
+                "batch": dict(self.batch), "artifacts": {k: dict(a) for k, a in self.artifacts.items()}}
 
     def check_feeds(self, feeds: Mapping[str, Any]) -> None:
         """Check ``feeds`` (input name -> numpy array or torch tensor) against the inputs:
@@ -186,30 +215,48 @@ def _fmt_shape(shape: tuple) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def graph_specs(*, resolution: int, num_ws: int, w_dim: int, n_classes: int
+def graph_specs(*, resolution: int, num_ws: int, w_dim: int, n_classes: int,
+                lpips_shapes: list[tuple[int, int, int]] | None = None
                 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """The inputs and outputs of the four graphs of a bundle for a model grid of
-    ``resolution`` px, w+ of ``[num_ws, w_dim]`` and ``n_classes`` labels, as the
-    manifest writes them (the exporter writes these; the loader checks them).
+    """The inputs and outputs of a bundle's graphs for a model grid of ``resolution``
+    px, w+ of ``[num_ws, w_dim]`` and ``n_classes`` labels, as the manifest writes them
+    (the exporter writes these; the loader checks them).
 
     encoder:   image float32 [batch, 1, R, R] in [-1, 1] -> w float32 [batch, L, C]
     generator: w float32 [batch, L, C] -> image float32 [batch, 1, R, R]
     segmenter: image float32 [batch, 1, R, R] -> logits float32 [batch, K, R, R]
     lpips:     x, y float32 [batch, 1, R, R] in [-1, 1] -> distance float32 [batch]
+
+    With ``lpips_shapes`` (C, H, W) of each LPIPS feature map, also the gradient graphs:
+
+    lpips_features: x [batch, 1, R, R] -> fx0, fx1, ... [batch, C_k, H_k, W_k]
+                    (unit-normalised over channels)
+    hybrid_grad:    w [batch, L, C], fx0 ..., g_ext [batch, 1, R, R] (the gradient at
+                    G(w) of the terms computed outside: the fused ROI-L2 and NCC),
+                    lambdas [2] (lambda1, lambda3)
+                    -> loss [batch] (lambda1 LPIPS + lambda3 latent term),
+                       grad [batch, L, C] (d(loss + external terms)/dw)
     """
     r, f = resolution, "float32"
     image = [BATCH, 1, r, r]
+    w = [BATCH, num_ws, w_dim]
 
     def t(name: str, shape: list) -> dict[str, Any]:
         return {"name": name, "dtype": f, "shape": list(shape)}
 
-    return {
-        "encoder": {"inputs": [t("image", image)], "outputs": [t("w", [BATCH, num_ws, w_dim])]},
-        "generator": {"inputs": [t("w", [BATCH, num_ws, w_dim])], "outputs": [t("image", image)]},
+    specs = {
+        "encoder": {"inputs": [t("image", image)], "outputs": [t("w", w)]},
+        "generator": {"inputs": [t("w", w)], "outputs": [t("image", image)]},
         "segmenter": {"inputs": [t("image", image)],
                       "outputs": [t("logits", [BATCH, n_classes, r, r])]},
         "lpips": {"inputs": [t("x", image), t("y", image)], "outputs": [t("distance", [BATCH])]},
     }
+    if lpips_shapes is not None:
+        fx = [t(f"fx{k}", [BATCH, *map(int, shape)]) for k, shape in enumerate(lpips_shapes)]
+        specs["lpips_features"] = {"inputs": [t("x", image)], "outputs": fx}
+        specs["hybrid_grad"] = {"inputs": [t("w", w), *fx, t("g_ext", image), t("lambdas", [2])],
+                                "outputs": [t("loss", [BATCH]), t("grad", w)]}
+    return specs
 
 
 def gradient_graph_specs(*, resolution: int, num_ws: int, w_dim: int
@@ -408,21 +455,41 @@ class Bundle:
             raise UsageError(f"bundle {self.name!r} has no graph {name!r}",
                              hint=f"graphs: {', '.join(self.graphs)}") from None
 
-    def load_program(self, graph: str, *, device: "str | torch.device" = "cpu") -> "torch.nn.Module":
-        """The torch.export program of ``graph`` as a callable module on ``device``, with
-        no parameter requiring grad (gradients flow to its inputs: inversion uses them).
+    def artifact(self, graph: str, kind: str) -> tuple[Path, dict[str, Any]]:
+        """The verified file of ``graph``'s artifact ``kind`` (``"onnx"``,
+        ``"torch_program"``) and its manifest entry. The file's and the graph's weight
+        files' sizes and SHA-256 are checked again (an ONNX graph reads its weights
+        from them). BundleError naming what is missing: a graph the bundle lacks (the
+        gradient graphs come with ONNX export) or an artifact it was exported without."""
+        if graph not in GRAPH_NAMES + GRADIENT_GRAPHS:
+            self.graph(graph)  # UsageError: not a graph of any bundle
+        if graph not in self.graphs:
+            raise BundleError(f"bundle {self.name!r} has no graph {graph!r} (graphs: "
+                              f"{', '.join(self.graphs)}); it was exported without it",
+                              hint=_EXPORT_HINT)
+        spec = self.graphs[graph]
+        entry = spec.artifacts.get(kind)
+        if entry is None:
+            raise BundleError(f"bundle {self.name!r}: graph {graph!r} has no {kind} artifact "
+                              f"(it has: {', '.join(spec.artifacts) or 'none'})",
+                              hint=_EXPORT_HINT)
+        for net in spec.weights:
+            self._checked_file(self.manifest["weights"][net])
+        return self._checked_file(entry["file"]), dict(entry)
 
-        Re-checks the file's SHA-256 and refuses a program with a pickled member before
+    def load_program(self, graph: str, *, device: "str | torch.device" = "cpu") -> "BoundProgram":
+        """The torch.export program of ``graph`` with its weights, as a callable on
+        ``device``: ``program(*inputs)`` in the order of the graph's inputs (which
+        :meth:`GraphSpec.check_feeds` can check). The weights come from the bundle's
+        safetensors files (the program takes them as leading inputs) and require no
+        grad: gradients flow to the inputs (inversion uses them).
+
+        Re-checks the files' SHA-256 and refuses a program with a pickled member before
         torch reads it (BundleError). Needs torch (UnavailableError naming the ``torch``
         extra when it is missing); a CUDA device must be available (UnavailableError).
-        Call it like the network: ``module(*inputs)`` in the order of the graph's
-        inputs, which :meth:`GraphSpec.check_feeds` can check.
         """
-        spec = self.graph(graph)
-        rel = spec.files.get("torch_program")
-        if rel is None:
-            raise BundleError(f"bundle {self.name!r}: graph {graph!r} has no torch program")
-        path = self._checked_file(rel)
+        path, entry = self.artifact(graph, "torch_program")
+        rel = entry["file"]
         check_program_archive(path, rel)
         try:
             import torch
@@ -436,6 +503,12 @@ class Bundle:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UnavailableError(f"device {device!r} asked for, but torch {torch.__version__} "
                                    f"sees no CUDA device", hint="use --device cpu")
+        weights = {net: self.load_weights(net) for net in {n for n, _ in entry["state"]}}
+        try:
+            state = [torch.from_numpy(weights[net][key]).to(dev) for net, key in entry["state"]]
+        except KeyError as e:
+            raise BundleError(f"bundle {self.name!r}: program {rel} takes the weight {e}, "
+                              f"which its weight file lacks", hint=_EXPORT_HINT) from None
         try:
             program = torch.export.load(str(path))
             if dev.type != "cpu":
@@ -450,19 +523,19 @@ class Bundle:
         for p in module.parameters():
             p.requires_grad_(False)
         log.debug("loaded program %s of bundle %s on %s", rel, self.name, dev)
-        return module
+        return BoundProgram(module, state)
 
-    def load_weights(self, graph: str) -> dict[str, np.ndarray]:
-        """The float32 state dict of ``graph``'s network as numpy arrays (safetensors;
-        the file's SHA-256 is checked first). The generator's also holds ``w_avg``
-        [w_dim], the centre of its latent space."""
+    def load_weights(self, network: str) -> dict[str, np.ndarray]:
+        """The float32 weights of ``network`` (``encoder``, ``generator``, ``segmenter``,
+        ``lpips``) as numpy arrays (safetensors; the file's SHA-256 is checked first).
+        The generator's also holds ``w_avg`` [w_dim], the centre of its latent space."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        spec = self.graph(graph)
-        rel = spec.files.get("weights")
+        rel = self.manifest["weights"].get(network)
         if rel is None:
-            raise BundleError(f"bundle {self.name!r}: graph {graph!r} has no weight file")
+            raise UsageError(f"bundle {self.name!r} has no weights of {network!r}",
+                             hint=f"networks: {', '.join(self.manifest['weights'])}")
         path = self._checked_file(rel)
         try:
             return load_file(str(path))
@@ -483,12 +556,27 @@ class Bundle:
             "labels": {str(k): v for k, v in self.labels.items()},
             "inversion": dict(self.inversion),
             "graphs": {n: {"inputs": [str(t) for t in g.inputs],
-                           "outputs": [str(t) for t in g.outputs], "files": dict(g.files)}
+                           "outputs": [str(t) for t in g.outputs], "files": dict(g.files),
+                           "weights": list(g.weights), "batch": dict(g.batch),
+                           "checks": {k: a.get("check") for k, a in g.artifacts.items()}}
                        for n, g in self.graphs.items()},
+            "weights": dict(m["weights"]),
             "files": {rel: e["bytes"] for rel, e in self.files.items()},
             "bytes": sum(e["bytes"] for e in self.files.values()),
             "versions": dict(m["versions"]), "provenance": m["provenance"],
         }
+
+
+class BoundProgram:
+    """A loaded torch program with its weights bound: ``program(*inputs)`` calls the
+    module with the weights first (:meth:`Bundle.load_program`)."""
+
+    def __init__(self, module: Any, state: list):
+        self.module = module
+        self.state = state
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.module(*self.state, *inputs)
 
 
 def _check_file(root: Path, rel: str, entry: Mapping[str, Any]) -> None:
@@ -569,6 +657,11 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
                           f"reads ({SCHEMA_VERSION})", hint="upgrade deeprecon-rt")
     if version < 1:
         raise BundleError(f"{where}: bad schema version {version}")
+    if version < SCHEMA_VERSION:
+        raise BundleError(f"{where}: a schema-{version} bundle; this deeprecon-rt reads schema "
+                          f"{SCHEMA_VERSION} (weights stored once, ONNX and gradient graphs)",
+                          hint="export it again from its training runs with this version: "
+                               "deeprecon-rt export SEG_RUN -o DIR")
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:
         raise BundleError(f"{where}: missing keys {missing}", hint=_EXPORT_HINT)
@@ -621,11 +714,30 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
         if _need(entry, "bytes", int, f"{where} files[{rel!r}]") < 0:
             raise BundleError(f"{where}: files[{rel!r}] has a negative size")
 
-    expected = graph_specs(resolution=r, num_ws=num_ws, w_dim=w_dim, n_classes=len(labels))
+    weights = _need(m, "weights", dict, where)
+    if sorted(weights) != sorted(NETWORKS):
+        raise BundleError(f"{where}: weights must name the files of {list(NETWORKS)}, got "
+                          f"{sorted(weights)}", hint=_EXPORT_HINT)
+    for net, rel in weights.items():
+        if not isinstance(rel, str) or rel not in files:
+            raise BundleError(f"{where}: the weights of {net!r} ({rel!r}) are not in the "
+                              f"manifest's files")
+
     raw_graphs = _need(m, "graphs", dict, where)
     absent = [g for g in GRAPH_NAMES if g not in raw_graphs]
     if absent:
         raise BundleError(f"{where}: missing graphs {absent}", hint=_EXPORT_HINT)
+    unknown = [g for g in raw_graphs if g not in GRAPH_NAMES + GRADIENT_GRAPHS]
+    if unknown:
+        raise BundleError(f"{where}: unknown graphs {unknown}", hint=_EXPORT_HINT)
+    if any(g in raw_graphs for g in GRADIENT_GRAPHS) and not all(g in raw_graphs for g in GRADIENT_GRAPHS):
+        raise BundleError(f"{where}: the gradient graphs {list(GRADIENT_GRAPHS)} come together",
+                          hint=_EXPORT_HINT)
+    lpips_shapes = None
+    if "lpips_features" in raw_graphs:
+        lpips_shapes = _feature_shapes(raw_graphs["lpips_features"], f"{where} graphs['lpips_features']")
+    expected = graph_specs(resolution=r, num_ws=num_ws, w_dim=w_dim, n_classes=len(labels),
+                           lpips_shapes=lpips_shapes)
     graphs: dict[str, GraphSpec] = {}
     for gname, g in raw_graphs.items():
         gw = f"{where} graphs[{gname!r}]"
@@ -633,21 +745,27 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
             raise BundleError(f"{gw}: must be an object")
         inputs = tuple(TensorSpec.from_dict(t, gw) for t in _need(g, "inputs", list, gw))
         outputs = tuple(TensorSpec.from_dict(t, gw) for t in _need(g, "outputs", list, gw))
-        gfiles = _need(g, "files", dict, gw)
-        for kind, rel in gfiles.items():
-            if rel not in files:
-                raise BundleError(f"{gw}: its {kind} {rel!r} is not in the manifest's files")
-        if "torch_program" not in gfiles or "weights" not in gfiles:
-            raise BundleError(f"{gw}: needs a torch_program and weights file", hint=_EXPORT_HINT)
-        spec = GraphSpec(name=gname, inputs=inputs, outputs=outputs, files=dict(gfiles))
-        if gname in expected:
-            want = expected[gname]
-            got = {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]}
-            if got != want:
-                raise BundleError(f"{gw}: the tensor specs {got} do not match the model "
-                                  f"(R {r}, w+ [{num_ws}, {w_dim}], {len(labels)} labels): "
-                                  f"expected {want}", hint=_EXPORT_HINT)
-        graphs[gname] = spec
+        want = expected[gname]
+        got = {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]}
+        if got != want:
+            raise BundleError(f"{gw}: the tensor specs {got} do not match the model "
+                              f"(R {r}, w+ [{num_ws}, {w_dim}], {len(labels)} labels): "
+                              f"expected {want}", hint=_EXPORT_HINT)
+        nets = _need(g, "weights", list, gw)
+        if not nets or any(n not in weights for n in nets):
+            raise BundleError(f"{gw}: weights must name networks of {list(NETWORKS)}, got {nets!r}")
+        batch = _need(g, "batch", dict, gw)
+        lo, opt, hi = (_need(batch, k, int, f"{gw} batch") for k in ("min", "opt", "max"))
+        if not 1 <= lo <= opt <= hi:
+            raise BundleError(f"{gw}: bad batch range {batch!r} (1 <= min <= opt <= max)")
+        artifacts = _need(g, "artifacts", dict, gw)
+        if not artifacts:
+            raise BundleError(f"{gw}: has no artifacts", hint=_EXPORT_HINT)
+        for kind, a in artifacts.items():
+            _check_artifact(kind, a, files, nets, f"{gw} artifacts[{kind!r}]")
+        graphs[gname] = GraphSpec(name=gname, inputs=inputs, outputs=outputs,
+                                  artifacts={k: dict(a) for k, a in artifacts.items()},
+                                  weights=tuple(nets), batch={"min": lo, "opt": opt, "max": hi})
 
     _need(m, "versions", dict, where)
     prov = _need(m, "provenance", dict, where)
@@ -658,6 +776,46 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
     return Bundle(path=path, manifest=m, sha256=sha, preprocess=preprocess, graphs=graphs,
                   labels=labels, inversion=dict(inversion), name=name, preset=preset,
                   resolution=r, num_ws=num_ws, w_dim=w_dim)
+
+
+def _feature_shapes(g: Any, where: str) -> list[tuple[int, int, int]]:
+    """(C, H, W) of each output of the lpips_features graph (checked again with the
+    whole spec by the caller)."""
+    outputs = _need(g, "outputs", list, where) if isinstance(g, dict) else None
+    if not outputs:
+        raise BundleError(f"{where}: needs its outputs", hint=_EXPORT_HINT)
+    shapes = []
+    for t in outputs:
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if (not isinstance(shape, list) or len(shape) != 4 or shape[0] != BATCH
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                           for d in shape[1:])):
+            raise BundleError(f"{where}: a feature map must be [batch, C, H, W], got {t!r}")
+        shapes.append(tuple(shape[1:]))
+    return shapes
+
+
+def _check_artifact(kind: str, a: Any, files: Mapping[str, Any], nets: list, where: str) -> None:
+    if kind not in ARTIFACT_KINDS:
+        raise BundleError(f"{where}: unknown artifact kind (known: {', '.join(ARTIFACT_KINDS)})",
+                          hint="upgrade deeprecon-rt")
+    if not isinstance(a, dict):
+        raise BundleError(f"{where}: must be an object")
+    rel = _need(a, "file", str, where)
+    if rel not in files:
+        raise BundleError(f"{where}: its file {rel!r} is not in the manifest's files")
+    if kind == "onnx":
+        if _need(a, "opset", int, where) < 1:
+            raise BundleError(f"{where}: bad opset {a['opset']!r}")
+    elif kind == "torch_program":
+        state = _need(a, "state", list, where)
+        if not all(isinstance(e, list) and len(e) == 2 and e[0] in nets and isinstance(e[1], str)
+                   for e in state):
+            raise BundleError(f"{where}: state must list [network, key] pairs of the graph's "
+                              f"networks {nets}")
+    else:  # tensorrt_plan: built for one TensorRT version and GPU architecture
+        _need(a, "tensorrt", str, where)
+        _need(a, "compute_capability", str, where)
 
 
 # ----------------------------------------------------------------------------- shipped bundle
@@ -700,6 +858,7 @@ def default_bundle_path() -> Path:
 
 
 __all__ = ["BUNDLE_FORMAT", "SCHEMA_VERSION", "MANIFEST", "BATCH", "GRAPH_NAMES",
+           "GRADIENT_GRAPHS", "NETWORKS", "ARTIFACT_KINDS", "BoundProgram",
            "INVERSION_KEYS", "TensorSpec", "GraphSpec", "Bundle", "load_bundle",
            "graph_specs", "gradient_graph_specs", "check_program_archive", "sha256_file",
            "default_bundle_path",

@@ -245,7 +245,10 @@ def _print_summary(result, out: Path, as_json: bool) -> None:
 
 _BUNDLE_HELP = ("Model bundle folder (default: $DEEPRECON_BUNDLE when set, else the reference "
                 "bundle shipped with the package).")
-_DEVICE_HELP = "cpu, cuda or cuda:N (never falls back to another device)."
+_DEVICE_HELP = ("auto, cpu, cuda or cuda:N. auto: CUDA when the backend sees a CUDA device, "
+                "else the CPU; a device that cannot be used is an error (never a fallback).")
+_BACKEND_HELP = ("auto, onnxruntime or torch. auto: onnxruntime when it is installed and the "
+                 "bundle has its ONNX graphs (no torch needed, faster on a CPU), else torch.")
 
 
 @app.command("reconstruct")
@@ -253,8 +256,8 @@ def reconstruct(
     study: Path = typer.Argument(..., help="DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; a previous output there is replaced)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
-    backend: str = typer.Option("torch", "--backend", help="Backend that runs the graphs: torch."),
-    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / pixel spacing)."),
@@ -291,8 +294,8 @@ def adapt_motion_cmd(
     target: Path = typer.Argument(..., help="Study whose motion is transferred."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
-    backend: str = typer.Option("torch", "--backend", help="Backend that runs the graphs: torch."),
-    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0)."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N."),

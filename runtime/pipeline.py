@@ -1,7 +1,7 @@
 """The reconstruction pipeline and its embedding API, :class:`Reconstructor`.
 
     from deeprecon.runtime import Reconstructor
-    with Reconstructor("path/to/bundle", backend="torch", device="cpu") as rec:
+    with Reconstructor("path/to/bundle", backend="auto", device="cpu") as rec:
         result = rec.reconstruct("study/", steps=100, interp=8, phases="ed,es")
 
 Stages (each timed into ``Result.timings``)::
@@ -207,14 +207,16 @@ class Reconstructor:
 
     bundle:  a :class:`~.bundle.Bundle`, a bundle folder, or None for the reference
              bundle shipped with the package (an UnavailableError says when none ships).
-    backend: "torch" (this version's backend).
-    device:  "cpu", "cuda" or "cuda:N"; a device that cannot be used is an error.
+    backend: "auto" (onnxruntime when installed and the bundle has its ONNX graphs, else
+             torch), "onnxruntime" or "torch".
+    device:  "auto" (CUDA when the backend sees one, else the CPU), "cpu", "cuda" or
+             "cuda:N"; a device that cannot be used is an error.
     Opening loads the graphs once; :meth:`reconstruct` can then be called for any number
     of studies. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, bundle: Bundle | str | Path | None = None, *, backend: str = "torch",
-                 device: str = "cpu"):
+    def __init__(self, bundle: Bundle | str | Path | None = None, *, backend: str = "auto",
+                 device: str = "auto"):
         t0 = time.perf_counter()
         if bundle is None:
             bundle = default_bundle_path()

@@ -40,8 +40,13 @@ R, L, C = 32, 8, 32  # the tiny preset: grid, num_ws, w_dim
 FILES = ["programs/encoder.pt2", "programs/generator.pt2", "programs/lpips.pt2",
          "programs/segmenter.pt2", "weights/encoder.safetensors",
          "weights/generator.safetensors", "weights/lpips.safetensors",
-         "weights/segmenter.safetensors"]
-GRAPHS = ("encoder", "generator", "segmenter", "lpips")
+         "weights/segmenter.safetensors", "encoder.onnx", "generator.onnx", "segmenter.onnx",
+         "lpips_features.onnx", "hybrid_grad.onnx"]
+GRAPHS = ("encoder", "generator", "segmenter", "lpips")      # the networks, with torch programs
+ALL_GRAPHS = GRAPHS + ("lpips_features", "hybrid_grad")
+ARTIFACTS = {"encoder": ("torch_program", "onnx"), "generator": ("torch_program", "onnx"),
+             "segmenter": ("torch_program", "onnx"), "lpips": ("torch_program",),
+             "lpips_features": ("onnx",), "hybrid_grad": ("onnx",)}
 IMG = ["batch", 1, R, R]
 SPECS = {
     "encoder": ([{"name": "image", "dtype": "float32", "shape": IMG}],
@@ -109,8 +114,9 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
         "a temporary folder was left beside the bundle"
     m = json.loads((tiny_bundle / MANIFEST).read_text())
     assert list(m) == ["format", "schema_version", "name", "created", "model", "preprocess",
-                       "labels", "inversion", "graphs", "files", "versions", "provenance"]
-    assert m["format"] == "deeprecon-bundle" and m["schema_version"] == 1
+                       "labels", "inversion", "weights", "graphs", "files", "versions",
+                       "provenance"]
+    assert m["format"] == "deeprecon-bundle" and m["schema_version"] == 2
     assert m["name"] == "tiny-random-seed0"
     created = datetime.datetime.fromisoformat(m["created"])
     assert created.utcoffset() == datetime.timedelta(0)
@@ -124,16 +130,35 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
         "steps": 100, "lr": 0.01, "lambda1": 1.0, "lambda2": 0.5, "lambda3": 0.1,
         "ncc_window": 9, "early_stop_patience": 10, "early_stop_rel_tol": 1e-3,
         "roi_dilation_mm": 10.0, "batch": 64}
-    assert set(m["graphs"]) == set(GRAPHS)
+    assert m["weights"] == {g: f"weights/{g}.safetensors" for g in GRAPHS}
+    assert list(m["graphs"]) == list(ALL_GRAPHS)
     for g, (inputs, outputs) in SPECS.items():
-        assert m["graphs"][g] == {"inputs": inputs, "outputs": outputs,
-                                  "files": {"torch_program": f"programs/{g}.pt2",
-                                            "weights": f"weights/{g}.safetensors"}}
+        entry = m["graphs"][g]
+        assert (entry["inputs"], entry["outputs"], entry["weights"]) == (inputs, outputs, [g])
+    assert m["graphs"]["hybrid_grad"]["weights"] == ["generator", "encoder", "lpips"]
+    feats = m["graphs"]["lpips_features"]["outputs"]
+    assert [t["name"] for t in feats] == ["fx0", "fx1", "fx2", "fx3", "fx4"]  # tiny: all five
+    assert [t["name"] for t in m["graphs"]["hybrid_grad"]["inputs"]] == \
+        ["w", "fx0", "fx1", "fx2", "fx3", "fx4", "g_ext", "lambdas"]
+    for g, kinds in ARTIFACTS.items():
+        entry = m["graphs"][g]
+        assert entry["batch"]["min"] == 1 and entry["batch"]["max"] >= entry["batch"]["opt"]
+        assert tuple(entry["artifacts"]) == kinds
+        for kind, a in entry["artifacts"].items():
+            assert a["file"] == (f"programs/{g}.pt2" if kind == "torch_program" else f"{g}.onnx")
+            # the errors measured at export against PyTorch (hybrid_grad: torch.func.vjp)
+            assert a["check"]["max_rel_err"] < 1e-4 and a["check"]["batch"] == 3, (g, kind)
+            assert a["check"]["reference"] == ("torch.func.vjp" if g == "hybrid_grad" else "module")
+            if kind == "onnx":
+                assert a["opset"] >= 18
+                assert a["check"]["weights_linked_bytes"] > 0
+    check = m["graphs"]["hybrid_grad"]["artifacts"]["onnx"]["check"]
+    assert check["inline_bytes"] < 0.1 * check["weights_linked_bytes"]  # weights stored once
     assert sorted(m["files"]) == sorted(FILES)
     for rel, entry in m["files"].items():
         data = (tiny_bundle / rel).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert set(m["versions"]) == {"deeprecon", "torch", "python"}
+    assert set(m["versions"]) == {"deeprecon", "torch", "python", "onnx", "onnxruntime"}
     assert m["versions"]["torch"] == torch.__version__
     assert m["provenance"] == {"runs": {}, "command": "tests/bundles.py make_tiny_bundle"}
 
@@ -174,7 +199,7 @@ def test_load_bundle_round_trip(tiny_bundle):
     assert b.preprocess == get_preset("tiny").preprocess
     assert b.labels == {0: "background", 1: "LV cavity", 2: "LV myocardium", 3: "RV cavity"}
     assert b.inversion == INVERSION_DEFAULTS
-    assert list(b.graphs) == list(GRAPHS)
+    assert list(b.graphs) == list(ALL_GRAPHS)
     for g, (inputs, outputs) in SPECS.items():
         spec = b.graphs[g]
         assert spec.name == g
@@ -197,7 +222,8 @@ def test_load_bundle_round_trip(tiny_bundle):
 def test_program_matches_its_network(tiny_bundle, nets, graph):
     b = load_bundle(tiny_bundle)
     program = b.load_program(graph)
-    assert not any(p.requires_grad for p in program.parameters())
+    assert not any(p.requires_grad for p in program.module.parameters())
+    assert not list(program.module.parameters())  # the weights come from weights/, once
     for batch in (1, 5):  # neither is the traced example batch (2)
         x = _inputs(graph, batch)
         b.graph(graph).check_feeds({t.name: v for t, v in zip(b.graph(graph).inputs, x)})
@@ -283,8 +309,17 @@ MANIFEST_EDITS = {
     "broken json": (lambda b: _flip(b / MANIFEST, 0), "not valid JSON"),
     "truncated": (lambda b: (b / MANIFEST).write_bytes((b / MANIFEST).read_bytes()[:-30]),
                   "not valid JSON"),
-    "newer schema": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=2)),
-                     "schema version 2 is newer"),
+    "newer schema": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=3)),
+                     "schema version 3 is newer"),
+    "schema 1": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=1)),
+                 "a schema-1 bundle; this deeprecon-rt reads schema 2"),
+    "unknown artifact": (lambda b: _rewrite_manifest(
+        b, lambda m: m["graphs"]["encoder"]["artifacts"].update(plan={"file": "encoder.onnx"})),
+        "unknown artifact kind"),
+    "batch range": (lambda b: _rewrite_manifest(
+        b, lambda m: m["graphs"]["encoder"]["batch"].update(min=0)), "bad batch range"),
+    "one gradient graph": (lambda b: _rewrite_manifest(
+        b, lambda m: m["graphs"].pop("hybrid_grad")), "come together"),
     "other format": (lambda b: _rewrite_manifest(b, lambda m: m.update(format="x")),
                      "not a deeprecon-bundle manifest"),
     "missing key": (lambda b: _rewrite_manifest(b, lambda m: m.pop("inversion")),
@@ -356,8 +391,8 @@ def test_a_pickled_weight_entry_is_refused(tiny_bundle, tmp_path):
             data = src.read(info)
             if info.filename.endswith("_weights_config.json"):
                 config = json.loads(data)
-                first = next(iter(config["config"].values()))
-                first["use_pickle"] = True
+                assert config["config"] == {}  # the weights are inputs: none inside
+                config["config"]["w"] = {"path_name": "weight_0", "use_pickle": True}
                 data = json.dumps(config).encode()
             dst.writestr(info, data)
     src.close()
@@ -382,7 +417,7 @@ def test_build_bundle_refuses_existing_output_and_cleans_up_after_a_failure(tmp_
         def forward(self, img):
             return torch.randn(img.shape[0], L, C)
 
-    with pytest.raises(ExportVerificationError, match="encoder: the saved program disagrees"):
+    with pytest.raises(ExportVerificationError, match="encoder: the exported artifact disagrees"):
         build_bundle(tmp_path / "new", **{**kw, "encoder": Noisy()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 

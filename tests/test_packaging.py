@@ -22,6 +22,7 @@ CORE_MODULES = [
     "deeprecon.runtime.result", "deeprecon.runtime.backends", "deeprecon.runtime.pipeline",
     "deeprecon.runtime.motion", "deeprecon.runtime.outputs", "deeprecon.runtime.report",
     "deeprecon.runtime.inversion", "deeprecon.runtime.backends.base",
+    "deeprecon.runtime.backends.onnxruntime_backend", "deeprecon.cpp_ext.numpy_ops",
 ]
 
 BLOCK_TORCH = """
@@ -36,7 +37,7 @@ sys.meta_path.insert(0, Block())
 
 #: a fake reference bundle: the kinds of file a real one holds, in its sub-folders
 FAKE_BUNDLE = ("manifest.json", "weights/generator.safetensors", "programs/generator.pt2",
-               "onnx/generator.onnx")
+               "generator.onnx")
 REFERENCE = "runtime/models/reference"
 
 
@@ -102,8 +103,8 @@ def test_runtime_core_imports_without_torch():
 
 
 def test_reconstruct_without_torch_names_what_is_missing(tiny_bundle):
-    """The torch backend on a machine without torch: exit 69 naming the extra, and the
-    bundle (hashes, manifest) is still checked without torch."""
+    """The torch backend asked for on a machine without torch: exit 69 naming the extra,
+    and the bundle (hashes, manifest) is still checked without torch."""
     code = BLOCK_TORCH + (
         "from deeprecon.runtime.cli import run\n"
         f"rc = run(['bundle', 'info', {str(tiny_bundle)!r}, '--json'])\n"
@@ -113,7 +114,7 @@ def test_reconstruct_without_torch_names_what_is_missing(tiny_bundle):
         "from deeprecon.runtime import Reconstructor\n"
         "from deeprecon.runtime.errors import UnavailableError\n"
         "try:\n"
-        f"    Reconstructor({str(tiny_bundle)!r})\n"
+        f"    Reconstructor({str(tiny_bundle)!r}, backend='torch')\n"
         "except UnavailableError as e:\n"
         "    print(e)\n")
     p = _py(code, cwd="/")

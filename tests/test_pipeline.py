@@ -205,9 +205,10 @@ def test_reconstructor_errors(tiny_bundle, monkeypatch):
     with pytest.raises(UsageError, match="unknown backend"):
         Reconstructor(tiny_bundle, backend="nope")
     with pytest.raises(UsageError, match="not part of this version"):
-        Reconstructor(tiny_bundle, backend="onnxruntime")
-    with pytest.raises(UsageError, match="unknown device"):
-        Reconstructor(tiny_bundle, device="gpu")
+        Reconstructor(tiny_bundle, backend="tensorrt")
+    for backend in ("auto", "torch", "onnxruntime"):
+        with pytest.raises(UsageError, match="unknown device"):
+            Reconstructor(tiny_bundle, backend=backend, device="gpu")
     import torch
     if not torch.cuda.is_available():
         with pytest.raises(UnavailableError, match="cuda"):

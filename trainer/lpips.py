@@ -204,6 +204,14 @@ class LPIPS(nn.Module):
     def lins(self) -> tuple[NetLinLayer, ...]:
         return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
 
+    def used_state_dict(self) -> dict[str, torch.Tensor]:
+        """The entries of ``state_dict()`` that a distance over ``layers`` layers reads:
+        the scaling, trunk slices 1 .. layers and lin0 .. lin{layers - 1} (what a model
+        bundle stores)."""
+        keep = ("scaling_layer.",) + tuple(f"net.slice{k + 1}." for k in range(self.layers)) \
+            + tuple(f"lin{k}." for k in range(self.layers))
+        return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
+
     def _prepare(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """[B, 1|3, H, W] in [-1, 1] -> [B, 1|3, H', W'] in the module's dtype, resized
         so that the shorter side is at least MIN_SIZE (not yet scaled)."""

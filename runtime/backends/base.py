@@ -47,8 +47,7 @@ class Runner:
         self.bundle = bundle
         self._composed = {
             g: GraphSpec(name=g, inputs=tuple(TensorSpec.from_dict(t, g) for t in d["inputs"]),
-                         outputs=tuple(TensorSpec.from_dict(t, g) for t in d["outputs"]),
-                         files={})
+                         outputs=tuple(TensorSpec.from_dict(t, g) for t in d["outputs"]))
             for g, d in gradient_graph_specs(resolution=bundle.resolution,
                                              num_ws=bundle.num_ws, w_dim=bundle.w_dim).items()}
 

@@ -1,0 +1,519 @@
+"""Explicit vector-Jacobian products of the inversion's networks, written as ordinary
+forward torch code, so that the gradient the inversion needs exports to ONNX like any
+forward graph (and runs where torch is not installed).
+
+Why not autograd: ``torch.onnx`` of ``torch.autograd.grad`` fails or bakes gradients in
+as constants, and onnxruntime-training is deprecated. Here every backward rule is a
+forward op with the same fixed weights: a convolution's input gradient is a transposed
+convolution, a fixed spatial resampling (bilinear 2x, 2x2 average pooling, the blur
+pool of LPIPS, LPIPS's resize) is multiplied by its transposed 1-D matrices, leaky ReLU
+and ReLU are masks, a 3x3 max pool routes the gradient to the first maximum of each
+window (torch's tie rule). The modulated convolution keeps its weight fixed (modulate
+the input, convolve, demodulate), so its style gradient is two reductions.
+
+:class:`Tape` is the bookkeeping: each op records its output, its tracked inputs and
+its backward rule; :meth:`Tape.backward` runs the rules in reverse and sums the
+gradients of tensors used more than once. The forward code mirrors the networks op for
+op (same functions, same order), so the forward values are the networks' own; the test
+suite and the exporter compare both the values and the products with
+``torch.func.vjp`` of the real modules.
+
+Modules (all ``nn.Module``, inputs and outputs float32, batch dimension free):
+
+- :class:`GeneratorVJP`  (w [B, L, C], g_image [B, 1, R, R]) -> (image, g_w)
+- :class:`EncoderVJP`    (image [B, 1, R, R], g_w [B, L, C]) -> (w, g_image)
+- :class:`LpipsFeatures` x [B, 1, R, R] -> the unit-normalised LPIPS features of x
+- :class:`HybridGrad`    the inversion's gradient (:mod:`deeprecon.runtime.inversion`)
+  given the NCC/ROI term's gradient at G(w) from the fused kernel:
+  (w, features of x..., g_ext, lambdas) -> (loss, grad)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeprecon.trainer.lpips import LPIPS, MIN_SIZE
+from deeprecon.trainer.networks.encoder import Encoder
+from deeprecon.trainer.networks.generator import Generator
+from deeprecon.trainer.networks.layers import LRELU_GAIN, LRELU_SLOPE, upsample2x, downsample2x
+
+Grads = tuple  # of tensors or None, one per tracked input
+
+
+class Tape:
+    """Reverse-mode bookkeeping over the ops of this module (see the module docstring).
+
+    Tensors are identified by object identity; the tape holds a reference to every
+    tensor it records, so an identity is never reused while the tape lives."""
+
+    def __init__(self):
+        self._records: list[tuple[torch.Tensor, tuple, Callable[[torch.Tensor], Grads]]] = []
+        self._tracked: dict[int, torch.Tensor] = {}
+
+    def leaf(self, t: torch.Tensor) -> torch.Tensor:
+        """Track ``t`` as an input that gradients are wanted for."""
+        self._tracked[id(t)] = t
+        return t
+
+    def tracked(self, t: torch.Tensor | None) -> bool:
+        return t is not None and id(t) in self._tracked
+
+    def record(self, out: torch.Tensor, inputs: tuple, vjp: Callable[[torch.Tensor], Grads]
+               ) -> torch.Tensor:
+        """``out`` depends on ``inputs`` (untracked ones are ignored); ``vjp(g_out)``
+        gives one gradient (or None) per input."""
+        if any(self.tracked(t) for t in inputs):
+            self._records.append((out, inputs, vjp))
+            self._tracked[id(out)] = out
+        return out
+
+    def backward(self, seeds: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 wrt: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The gradients of sum(<seed tensor, seed gradient>) with respect to ``wrt``
+        (None for a tensor the seeds do not depend on)."""
+        grads: dict[int, torch.Tensor] = {}
+
+        def add(t, g):
+            if g is not None and self.tracked(t):
+                grads[id(t)] = g if id(t) not in grads else grads[id(t)] + g
+
+        for t, g in seeds:
+            add(t, g)
+        for out, inputs, vjp in reversed(self._records):
+            g = grads.pop(id(out), None)
+            if g is None:
+                continue
+            for t, gi in zip(inputs, vjp(g)):
+                add(t, gi)
+        return [grads.get(id(t)) for t in wrt]
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def _conv(tape: Tape, x, weight, bias=None, *, stride: int = 1, padding: int = 0, groups: int = 1):
+    y = F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)
+    h, w = x.shape[-2], x.shape[-1]
+    k = weight.shape[-1]
+
+    def vjp(g):
+        oh = h - ((g.shape[-2] - 1) * stride - 2 * padding + k)
+        ow = w - ((g.shape[-1] - 1) * stride - 2 * padding + k)
+        return (F.conv_transpose2d(g, weight, stride=stride, padding=padding,
+                                   output_padding=(oh, ow), groups=groups),)
+    return tape.record(y, (x,), vjp)
+
+
+def _linear(tape: Tape, x, weight, bias=None):
+    return tape.record(F.linear(x, weight, bias), (x,), lambda g: (g @ weight,))
+
+
+def _bias_act(tape: Tape, x, b, *, activation: str = "linear", gain: float = 1.0):
+    """:func:`deeprecon.trainer.networks.layers.bias_act`, op for op, with its VJP."""
+    pre = x if b is None else x + b.to(x.dtype).reshape([1, -1] + [1] * (x.ndim - 2))
+    y = pre
+    if activation == "lrelu":
+        y = F.leaky_relu(pre, LRELU_SLOPE)
+        gain = gain * LRELU_GAIN
+    if gain != 1.0:
+        y = y * gain
+    if activation == "lrelu":
+        def vjp(g):
+            return (g * torch.where(pre > 0, gain, gain * LRELU_SLOPE),)
+    else:
+        def vjp(g):
+            return (g * gain if gain != 1.0 else g,)
+    return tape.record(y, (x,), vjp)
+
+
+def _relu(tape: Tape, x):
+    y = F.relu(x)
+    return tape.record(y, (x,), lambda g: (torch.where(y > 0, g, torch.zeros_like(g)),))
+
+
+def _add(tape: Tape, a, b):
+    return tape.record(a + b, (a, b), lambda g: (g, g))
+
+
+def _sub_const(tape: Tape, a, c):
+    return tape.record(a - c, (a,), lambda g: (g,))
+
+
+def _spatial(tape: Tape, y, x, m: torch.Tensor):
+    """``y`` is a fixed separable resampling of ``x``: y = M x M^T per channel, with
+    ``m`` = M [n_out, n_in] (square images). Records the VJP g -> M^T g M."""
+    return tape.record(y, (x,), lambda g: (torch.matmul(torch.matmul(m.t(), g), m),))
+
+
+def _maxpool3(tape: Tape, x):
+    """3x3 max pool, stride 1, no padding; the gradient goes to the first maximum of
+    each window in row-major order, as torch's CPU kernel does."""
+    y = F.max_pool2d(x, kernel_size=3, stride=1)
+    ho, wo = y.shape[-2], y.shape[-1]
+
+    def vjp(g):
+        gx = torch.zeros_like(x)
+        taken = torch.zeros_like(y, dtype=torch.bool)
+        zero = torch.zeros_like(g)
+        for di in range(3):
+            for dj in range(3):
+                hit = (x[:, :, di:di + ho, dj:dj + wo] == y) & ~taken
+                taken = taken | hit
+                gx = gx + F.pad(torch.where(hit, g, zero), (dj, 2 - dj, di, 2 - di))
+        return (gx,)
+    return tape.record(y, (x,), vjp)
+
+
+def _normalize(tape: Tape, f, eps: float = 1e-10):
+    """LPIPS's f / (||f||_2 + eps) over channels, with torch's gradient (0 for the norm
+    at f == 0)."""
+    norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    r = norm + eps
+    y = f / r
+
+    def vjp(g):
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        return (g / r - f * (g * f).sum(dim=1, keepdim=True) / (r * r * safe),)
+    return tape.record(y, (f,), vjp)
+
+
+def _modconv(tape: Tape, x, styles, weight, *, demodulate: bool, eps: float = 1e-8):
+    """:func:`deeprecon.trainer.networks.layers.modulated_conv2d` with its VJP in both
+    x and the styles (the weight stays fixed)."""
+    xm = x * styles[:, :, None, None]
+    c = F.conv2d(xm, weight, padding=weight.shape[-1] // 2)
+    d = None
+    out = c
+    if demodulate:
+        wsq = weight.square().sum(dim=[2, 3])  # [O, I]
+        d = (styles.square() @ wsq.t() + eps).rsqrt()  # [B, O]
+        out = c * d[:, :, None, None]
+    need_x = tape.tracked(x)
+
+    def vjp(g):
+        if demodulate:
+            gc = g * d[:, :, None, None]
+            gd = (g * c).sum(dim=(2, 3))  # [B, O]
+            gs = 2.0 * styles * ((gd * (-0.5) * d * d * d) @ wsq)  # [B, I]
+        else:
+            gc, gs = g, 0.0
+        gxm = F.conv_transpose2d(gc, weight, padding=weight.shape[-1] // 2)
+        gs = gs + (gxm * x).sum(dim=(2, 3))
+        return (gxm * styles[:, :, None, None] if need_x else None, gs)
+    return tape.record(out, (x, styles), vjp)
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def _matrix(op: Callable[[torch.Tensor], torch.Tensor], n: int) -> torch.Tensor:
+    """M [n_out, n] of a 1-D linear op (applied to [n, 1, n] rows of the identity)."""
+    with torch.no_grad():
+        cols = op(torch.eye(n, dtype=torch.float64)[:, None, :])  # [n, 1, n_out]
+    return cols[:, 0, :].t().contiguous().float()
+
+
+def upsample_matrix(n: int, size: int) -> torch.Tensor:
+    """Bilinear (align_corners=False) resampling n -> size as a matrix [size, n]."""
+    return _matrix(lambda e: F.interpolate(e, size=size, mode="linear", align_corners=False), n)
+
+
+def avgpool_matrix(n: int) -> torch.Tensor:
+    """2x2 average pooling along one axis, [n / 2, n]."""
+    return _matrix(lambda e: F.avg_pool1d(e, 2), n)
+
+
+def blurpool_matrix(n: int) -> torch.Tensor:
+    """LPIPS's BlurPool (reflect pad 2, [1, 2, 1] / 4, stride 2) along one axis."""
+    k = torch.tensor([[[0.25, 0.5, 0.25]]], dtype=torch.float64)
+    return _matrix(lambda e: F.conv1d(F.pad(e, (2, 2), mode="reflect"), k, stride=2), n)
+
+
+class _Matrices(nn.Module):
+    """The resampling matrices a network needs, as buffers (constants of the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self._names: dict[tuple, str] = {}
+
+    def get(self, kind: str, n: int, size: int = 0) -> torch.Tensor:
+        key = (kind, n, size)
+        if key not in self._names:
+            m = {"up": lambda: upsample_matrix(n, size), "avg": lambda: avgpool_matrix(n),
+                 "blur": lambda: blurpool_matrix(n)}[kind]()
+            name = f"m_{kind}_{n}_{size}"
+            self.register_buffer(name, m, persistent=False)
+            self._names[key] = name
+        return getattr(self, self._names[key])
+
+
+def _up2(tape: Tape, mats: _Matrices, x):
+    n = x.shape[-1]
+    return _spatial(tape, upsample2x(x), x, mats.get("up", n, 2 * n))
+
+
+def _down2(tape: Tape, mats: _Matrices, x):
+    return _spatial(tape, downsample2x(x), x, mats.get("avg", x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _eq_conv(tape: Tape, mats: _Matrices, layer, x):
+    """EqualizedConv2d.forward with its VJP."""
+    if layer.down == 2:
+        x = _down2(tape, mats, x)
+    x = _conv(tape, x, layer.weight * layer.weight_gain, stride=layer.stride,
+              padding=layer.kernel_size // 2)
+    return _bias_act(tape, x, layer.bias, activation=layer.activation, gain=layer.gain)
+
+
+def _eq_linear(tape: Tape, layer, x):
+    """EqualizedLinear.forward (linear or lrelu) with its VJP."""
+    w = layer.weight * layer.weight_gain
+    b = None if layer.bias is None else layer.bias * layer.bias_gain
+    if layer.activation == "linear":
+        return _linear(tape, x, w, b)
+    return _bias_act(tape, _linear(tape, x, w), b, activation=layer.activation)
+
+
+def _mod_layer(tape: Tape, mats: _Matrices, layer, x, w):
+    """ModulatedConv2d.forward with its VJP in x and w."""
+    styles = _eq_linear(tape, layer.affine, w)
+    if layer.up == 2:
+        x = _up2(tape, mats, x)
+    x = _modconv(tape, x, styles, layer.weight * layer.weight_gain, demodulate=layer.demodulate)
+    return _bias_act(tape, x, layer.bias, activation=layer.activation, gain=layer.gain)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def generator_forward(tape: Tape, mats: _Matrices, synthesis, ws: Sequence[torch.Tensor]):
+    """SynthesisNetwork.forward on the style vectors ``ws`` (L tensors [B, C])."""
+    x = img = None
+    for block, start in zip(synthesis.blocks, synthesis.ws_start):
+        if block.is_first:
+            x = block.const.to(ws[0].dtype).unsqueeze(0).expand(ws[0].shape[0], -1, -1, -1)
+            x = _mod_layer(tape, mats, block.conv1, x, ws[start])
+        elif block.skip is not None:
+            y = _up2(tape, mats, _eq_conv(tape, mats, block.skip, x))
+            x = _mod_layer(tape, mats, block.conv0, x, ws[start])
+            x = _add(tape, y, _mod_layer(tape, mats, block.conv1, x, ws[start + 1]))
+        else:
+            x = _mod_layer(tape, mats, block.conv0, x, ws[start])
+            x = _mod_layer(tape, mats, block.conv1, x, ws[start + 1])
+        if img is not None:
+            img = _up2(tape, mats, img)
+        if block.torgb is not None:
+            y = _mod_layer(tape, mats, block.torgb, x, ws[start + block.num_conv])
+            img = y if img is None else _add(tape, img, y)
+    return img
+
+
+def encoder_forward(tape: Tape, mats: _Matrices, enc: Encoder, img):
+    """Encoder.forward: (ws, the per-head offsets [B, C] (L tensors) that ws stacks)."""
+    coarse, middle, fine = enc.sizes
+    feats = {}
+    x = _eq_conv(tape, mats, enc.stem, img)
+    feats[x.shape[-1]] = x
+    for block in enc.blocks:
+        s = _eq_conv(tape, mats, block.skip, x)
+        x = _add(tape, s, _eq_conv(tape, mats, block.conv1, _eq_conv(tape, mats, block.conv0, x)))
+        feats[x.shape[-1]] = x
+
+    def up_to(t, size):
+        n = t.shape[-1]
+        if n == size:
+            return t
+        y = F.interpolate(t, scale_factor=size / n, mode="bilinear", align_corners=False)
+        return _spatial(tape, y, t, mats.get("up", n, size))
+
+    p_coarse = feats[coarse]
+    p_middle = _add(tape, up_to(p_coarse, middle), _eq_conv(tape, mats, enc.lateral_middle, feats[middle]))
+    p_fine = _add(tape, up_to(p_middle, fine), _eq_conv(tape, mats, enc.lateral_fine, feats[fine]))
+    offsets = []
+    for i, head in enumerate(enc.heads):
+        h = p_coarse if i < enc.end_coarse else p_middle if i < enc.end_middle else p_fine
+        for conv in head.convs:
+            h = _eq_conv(tape, mats, conv, h)
+        shape = h.shape
+        flat = tape.record(h.flatten(1), (h,), lambda g, shape=shape: (g.reshape(shape),))
+        offsets.append(_eq_linear(tape, head.linear, flat))
+    ws = enc.w_avg.to(offsets[0].dtype)[None, None] + torch.stack(offsets, dim=1)
+    return ws, offsets
+
+
+def lpips_features(tape: Tape, mats: _Matrices, lp: LPIPS, x):
+    """LPIPS.features on a grey image [B, 1, R, R] with the VJP (the unnormalised
+    relu1 .. relu_layers maps)."""
+    n = x.shape[-1]
+    if n < MIN_SIZE:
+        y = lp._prepare(x, "x")
+        x = _spatial(tape, y, x, mats.get("up", n, y.shape[-1]))
+    conv = lp.net.slice1[0]
+    shift, scale = lp.scaling_layer.shift, lp.scaling_layer.scale
+    w_grey = (conv.weight / scale.reshape(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    w_const = (conv.weight * (shift / scale).reshape(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    const = F.conv2d(torch.ones_like(x[:1]), w_const, padding=conv.padding)
+    h = _sub_const(tape, _conv(tape, x, w_grey, conv.bias, padding=conv.padding[0]), const)
+
+    def blur(pool, t):
+        return _spatial(tape, pool(t), t, mats.get("blur", t.shape[-1]))
+
+    h = _relu(tape, blur(lp.net.slice1[1], h))                           # relu1
+    feats = [h]
+    for k in range(1, lp.layers):
+        if k in (1, 2):         # slice2, slice3: max pool, blur pool, conv, ReLU
+            s = (lp.net.slice2, lp.net.slice3)[k - 1]
+            conv_k = s[2]
+            h = blur(s[1], _maxpool3(tape, h))
+        else:                   # slice4, slice5: conv, ReLU
+            conv_k = (lp.net.slice4, lp.net.slice5)[k - 3][0]
+        h = _relu(tape, _conv(tape, h, conv_k.weight, conv_k.bias, padding=conv_k.padding[0]))
+        feats.append(h)
+    return feats
+
+
+def lpips_distance(tape: Tape, lp: LPIPS, x_features: Sequence[torch.Tensor], feats):
+    """LPIPS.distance_to from the normalised features of x and the trunk features of y
+    (a tape op per layer: the gradient of the layer's term at n(f_y))."""
+    dist = None
+    for fx, f, lin in zip(x_features, feats, lp.lins):
+        ny = _normalize(tape, f)
+        wl = lin.model[1].weight  # [1, C, 1, 1]
+        term = F.conv2d((fx - ny).square(), wl).mean(dim=(1, 2, 3))  # [B]
+        hw = ny.shape[-2] * ny.shape[-1]
+
+        def vjp(g, fx=fx, ny=ny, wl=wl, hw=hw):
+            return (g[:, None, None, None] * (-2.0 / hw) * (fx - ny) * wl,)
+        term = tape.record(term, (ny,), vjp)
+        dist = term if dist is None else _add(tape, dist, term)
+    return dist
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class GeneratorVJP(nn.Module):
+    """(w [B, L, C], g_image [B, 1, R, R]) -> (G(w), g_image^T dG/dw [B, L, C])."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.synthesis = generator.synthesis
+        self.mats = _Matrices()
+        with torch.no_grad():  # register the matrices before export
+            generator_forward(Tape(), self.mats, self.synthesis,
+                              list(torch.zeros(1, generator.num_ws, generator.w_dim).unbind(1)))
+
+    def forward(self, w: torch.Tensor, g_image: torch.Tensor):
+        tape = Tape()
+        ws = [tape.leaf(t) for t in w.unbind(1)]
+        img = generator_forward(tape, self.mats, self.synthesis, ws)
+        gws = tape.backward([(img, g_image)], ws)
+        return img, torch.stack([g if g is not None else torch.zeros_like(t)
+                                 for g, t in zip(gws, ws)], dim=1)
+
+
+class EncoderVJP(nn.Module):
+    """(image [B, 1, R, R], g_w [B, L, C]) -> (E(image), g_w^T dE/dimage [B, 1, R, R])."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.mats = _Matrices()
+        r = encoder.cfg.resolution
+        with torch.no_grad():
+            encoder_forward(Tape(), self.mats, encoder, torch.zeros(1, encoder.cfg.img_channels, r, r))
+
+    def forward(self, image: torch.Tensor, g_w: torch.Tensor):
+        tape = Tape()
+        img = tape.leaf(image)
+        ws, offsets = encoder_forward(tape, self.mats, self.encoder, img)
+        (g,) = tape.backward(list(zip(offsets, g_w.unbind(1))), [img])
+        return ws, g
+
+
+class LpipsFeatures(nn.Module):
+    """x [B, 1, R, R] -> the unit-normalised LPIPS features of x (``layers`` maps),
+    :meth:`LPIPS.reference_features`: what the inversion computes once per image."""
+
+    def __init__(self, lpips: LPIPS):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, x: torch.Tensor):
+        return tuple(self.lpips.reference_features(x))
+
+
+class LpipsVJP(nn.Module):
+    """(features of x..., y [B, 1, R, R], g [B]) -> (LPIPS(x, y) [B], g^T dLPIPS/dy)."""
+
+    def __init__(self, lpips: LPIPS, resolution: int):
+        super().__init__()
+        self.lpips = lpips
+        self.mats = _Matrices()
+        with torch.no_grad():
+            lpips_features(Tape(), self.mats, lpips, torch.zeros(1, 1, resolution, resolution))
+
+    def forward(self, *args: torch.Tensor):
+        *fx, y, g = args
+        tape = Tape()
+        y = tape.leaf(y)
+        d = lpips_distance(tape, self.lpips, fx, lpips_features(tape, self.mats, self.lpips, y))
+        (gy,) = tape.backward([(d, g)], [y])
+        return d, gy
+
+
+class HybridGrad(nn.Module):
+    """The inversion loss's gradient graph, given the fused NCC/ROI term from outside.
+
+    Inputs: w [B, L, C]; the normalised LPIPS features of x (:class:`LpipsFeatures`,
+    one input per layer); g_ext [B, 1, R, R], the gradient at y = G(w) of the terms
+    computed outside the graph (the fused kernel's ROI-L2 and NCC); lambdas [2] =
+    (lambda1, lambda3).
+
+    Outputs: loss [B] = lambda1 LPIPS(x, y) + lambda3 mean((w - E(y))^2) (the fused
+    terms are added by the caller), and grad [B, L, C], the gradient with respect to w
+    of that loss plus the external terms.
+    """
+
+    def __init__(self, generator: Generator, encoder: Encoder, lpips: LPIPS):
+        super().__init__()
+        self.synthesis = generator.synthesis
+        self.encoder = encoder
+        self.lpips = lpips
+        self.mats = _Matrices()
+        r, L, C = generator.resolution, generator.num_ws, generator.w_dim
+        with torch.no_grad():
+            tape = Tape()
+            y = generator_forward(tape, self.mats, self.synthesis, list(torch.zeros(1, L, C).unbind(1)))
+            encoder_forward(tape, self.mats, encoder, y)
+            lpips_features(tape, self.mats, lpips, y)
+
+    def forward(self, w: torch.Tensor, *args: torch.Tensor):
+        *fx, g_ext, lambdas = args
+        lam1, lam3 = lambdas[0], lambdas[1]
+        tape = Tape()
+        ws = [tape.leaf(t) for t in w.unbind(1)]
+        y = generator_forward(tape, self.mats, self.synthesis, ws)
+        d = lpips_distance(tape, self.lpips, fx, lpips_features(tape, self.mats, self.lpips, y))
+        e, offsets = encoder_forward(tape, self.mats, self.encoder, y)
+        n = w.shape[1] * w.shape[2]
+        diff = w - e
+        loss = lam1 * d + lam3 * diff.square().mean(dim=(1, 2))
+        g_latent = (2.0 / n) * lam3 * diff                                 # d/dw, direct
+        seeds = [(y, g_ext), (d, lam1 * torch.ones_like(d))]
+        seeds += list(zip(offsets, (-g_latent).unbind(1)))                  # through E(G(w))
+        gws = tape.backward(seeds, ws)
+        grad = torch.stack([g if g is not None else torch.zeros_like(t)
+                            for g, t in zip(gws, ws)], dim=1)
+        return loss, grad + g_latent
+
+
+__all__ = ["Tape", "GeneratorVJP", "EncoderVJP", "LpipsFeatures", "LpipsVJP", "HybridGrad",
+           "upsample_matrix", "avgpool_matrix", "blurpool_matrix"]

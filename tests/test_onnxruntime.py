@@ -1,0 +1,233 @@
+"""The lean runtime: the explicit VJP modules against torch.func.vjp, the bundle's ONNX
+graphs in onnxruntime against PyTorch, the onnxruntime runner against the torch runner
+(one inversion loop), backend and device selection, and `reconstruct` with inversion
+on a machine where torch cannot be imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundles import tiny_networks  # noqa: E402
+from test_packaging import BLOCK_TORCH  # noqa: E402
+
+from deeprecon.export.bundle import random_networks  # noqa: E402
+from deeprecon.export.vjp import (EncoderVJP, GeneratorVJP, HybridGrad,  # noqa: E402
+                                  LpipsFeatures, LpipsVJP)
+from deeprecon.runtime.backends import auto_backend, open_backend  # noqa: E402
+from deeprecon.runtime.bundle import load_bundle  # noqa: E402
+from deeprecon.runtime.errors import BundleError, UnavailableError, UsageError  # noqa: E402
+from deeprecon.runtime.inversion import InversionSettings  # noqa: E402
+from deeprecon.trainer.config import get_preset  # noqa: E402
+from deeprecon.trainer.lpips import LPIPS, load_lpips  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# float32 against float32 autograd: measured max_rel_err <= 7e-7 (tiny and cpu64)
+VJP_RTOL = 1e-5
+
+
+def _err(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    got, ref = torch.as_tensor(got).double(), torch.as_tensor(ref).double()
+    err = float((got - ref).abs().max())
+    return err, err / float(ref.abs().max())
+
+
+def _assert_close(got, ref, what: str, rtol: float = VJP_RTOL) -> None:
+    err, rel = _err(got, ref)
+    scale = float(torch.as_tensor(ref).abs().max())
+    assert scale > 0, f"{what}: the reference is all zeros (the test would prove nothing)"
+    assert err <= rtol * scale and rel <= rtol, f"{what}: max_abs_err {err:.3g}, rel {rel:.3g}"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu64"])
+def test_explicit_vjps_match_torch_func_vjp(preset):
+    """Each backward rule written as forward ops gives autograd's product: G, E, LPIPS
+    and the whole inversion gradient, max-abs and relative error both asserted."""
+    m = get_preset(preset)
+    nets = random_networks(preset)
+    G, E = nets["generator"].requires_grad_(False), nets["encoder"].requires_grad_(False)
+    lp = load_lpips(layers=m.lpips_layers)
+    R, L, C = m.resolution, G.num_ws, G.w_dim
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    w = G.w_avg[None, None] + torch.randn(B, L, C, generator=g)
+    img = torch.rand(B, 1, R, R, generator=g) * 2 - 1
+    x = torch.rand(B, 1, R, R, generator=g) * 2 - 1
+
+    gy = torch.randn(B, 1, R, R, generator=g)
+    y_ref, vjp = torch.func.vjp(G, w)
+    y, gw = GeneratorVJP(G)(w, gy)
+    assert torch.equal(y, y_ref)  # the forward is the network's own, op for op
+    _assert_close(gw, vjp(gy)[0], "G")
+
+    gw_in = torch.randn(B, L, C, generator=g)
+    e_ref, vjp = torch.func.vjp(E, img)
+    e, gi = EncoderVJP(E)(img, gw_in)
+    assert torch.equal(e, e_ref)
+    _assert_close(gi, vjp(gw_in)[0], "E")
+
+    fx = LpipsFeatures(lp)(x)
+    assert len(fx) == m.lpips_layers
+    gd = torch.randn(B, generator=g)
+    d_ref, vjp = torch.func.vjp(lambda t: lp(x, t), img)
+    d, gl = LpipsVJP(lp, R)(*fx, img, gd)
+    _assert_close(d, d_ref, "LPIPS value")
+    _assert_close(gl, vjp(gd)[0], "LPIPS")
+
+    lam = torch.tensor([1.0, 0.1])
+    g_ext = 0.01 * torch.randn(B, 1, R, R, generator=g)
+
+    def loss(wa):
+        ya = G(wa)
+        rest = lam[0] * lp.distance_to(list(fx), ya) + lam[1] * (wa - E(ya)).square().mean(dim=(1, 2))
+        return rest + (ya * g_ext).sum(dim=(1, 2, 3))
+
+    total, vjp = torch.func.vjp(loss, w)
+    rest, grad = HybridGrad(G, E, lp)(w, *fx, g_ext, lam)
+    _assert_close(rest, total - (G(w) * g_ext).sum(dim=(1, 2, 3)), "hybrid loss")
+    _assert_close(grad, vjp(torch.ones(B))[0], "hybrid grad")
+
+
+def test_lpips_stores_only_the_layers_it_uses():
+    lp = LPIPS(layers=3)
+    keys = set(lp.used_state_dict())
+    assert keys and keys < set(lp.state_dict())
+    assert not any(k.startswith(("net.slice4.", "net.slice5.", "lin3.", "lin4.")) for k in keys)
+    assert {"net.slice3.9.weight", "lin2.model.1.weight", "scaling_layer.shift"} <= keys
+    assert set(LPIPS(layers=5).used_state_dict()) == set(LPIPS(layers=5).state_dict())
+
+
+def test_onnx_graphs_match_pytorch_at_a_new_batch(tiny_bundle):
+    """Every ONNX graph of the bundle, in onnxruntime at batch 5 (exported at 2, checked
+    at 3), against the PyTorch networks it came from; the gradient graph against
+    torch.func.vjp of the real loss."""
+    import onnxruntime as ort
+
+    b = load_bundle(tiny_bundle)
+    nets = {**tiny_networks(seed=0), "lpips": load_lpips()}
+    G, E, S, lp = nets["generator"], nets["encoder"], nets["segmenter"], nets["lpips"]
+    for n in (G, E, S):
+        n.requires_grad_(False)
+    R = b.resolution
+    g = torch.Generator().manual_seed(7)
+    B = 5
+    w = G.w_avg[None, None] + torch.randn(B, b.num_ws, b.w_dim, generator=g)
+    x = torch.rand(B, 1, R, R, generator=g) * 2 - 1
+
+    def session(graph):
+        path, entry = b.artifact(graph, "onnx")
+        assert entry["opset"] >= 18
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    with torch.no_grad():
+        _assert_close(session("encoder").run(None, {"image": x.numpy()})[0], E(x), "encoder", 1e-4)
+        _assert_close(session("generator").run(None, {"w": w.numpy()})[0], G(w), "generator", 1e-4)
+        _assert_close(session("segmenter").run(None, {"image": x.numpy()})[0], S(x), "segmenter", 1e-4)
+        fx = session("lpips_features").run(None, {"x": x.numpy()})
+        for got, ref in zip(fx, lp.reference_features(x)):
+            _assert_close(got, ref, "lpips_features", 1e-4)
+    g_ext = (0.01 * torch.randn(B, 1, R, R, generator=g)).numpy()
+    lam = np.array([1.0, 0.1], np.float32)
+    loss, grad = session("hybrid_grad").run(
+        None, {"w": w.numpy(), **{f"fx{k}": f for k, f in enumerate(fx)}, "g_ext": g_ext,
+               "lambdas": lam})
+    fxt = [torch.from_numpy(f) for f in fx]
+
+    def ref_loss(wa):
+        ya = G(wa)
+        return (lam[0] * lp.distance_to(fxt, ya) + lam[1] * (wa - E(ya)).square().mean(dim=(1, 2))
+                + (ya * torch.from_numpy(g_ext)).sum(dim=(1, 2, 3)))
+
+    total, vjp = torch.func.vjp(ref_loss, w)
+    _assert_close(grad, vjp(torch.ones(B))[0], "hybrid_grad", 1e-4)
+    with torch.no_grad():
+        _assert_close(loss, total - (G(w) * torch.from_numpy(g_ext)).sum(dim=(1, 2, 3)),
+                      "hybrid_grad loss", 1e-4)
+
+
+def _study_batch(R: int, n: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 1, R, R), dtype=np.float32) * 2 - 1).astype(np.float32)
+    roi = np.zeros_like(x)
+    roi[:, :, R // 4:3 * R // 4, R // 4:3 * R // 4] = 1
+    return x, roi
+
+
+def test_onnxruntime_runner_matches_the_torch_runner(tiny_bundle):
+    """The same loss and gradient, and the same inversion through the one shared loop
+    (per-image Adam, early stop, best code) on both runners."""
+    b = load_bundle(tiny_bundle)
+    o, t = open_backend(b, "onnxruntime", "cpu"), open_backend(b, "torch", "cpu")
+    assert (o.name, o.device, t.name) == ("onnxruntime", "cpu", "torch")
+    assert o.info()["providers"] == ["CPUExecutionProvider"]
+    x, roi = _study_batch(b.resolution)
+    w0 = o.encode(x)
+    _assert_close(w0, t.encode(x), "encode", 1e-5)
+    _assert_close(o.render(w0), t.render(w0), "render", 1e-5)
+    _assert_close(o.segment(x), t.segment(x), "segment", 1e-5)
+    attrs = InversionSettings().loss_weights()
+    a = o.run("loss_and_grad", {"x": x, "roi": roi, "w": w0}, **attrs)
+    c = t.run("loss_and_grad", {"x": x, "roi": roi, "w": w0}, **attrs)
+    _assert_close(a["loss"], c["loss"], "loss", 1e-5)
+    _assert_close(a["grad"], c["grad"], "grad", 1e-4)
+    s = InversionSettings(steps=12, batch=4, early_stop_patience=3, early_stop_rel_tol=1e-3)
+    io, it = o.invert(x, roi, w0, s), t.invert(x, roi, w0, s)
+    assert np.array_equal(io.steps, it.steps) and np.array_equal(io.stopped_early, it.stopped_early)
+    assert (io.loss < io.loss_init).all()  # the inversion does its job
+    _assert_close(io.w, it.w, "inverted codes", 1e-4)
+    np.testing.assert_allclose(io.loss, it.loss, rtol=1e-5)
+    with pytest.raises(UsageError, match="expected dtype float32"):
+        o.run("encoder", {"image": x.astype(np.float64)})
+
+
+def test_backend_and_device_selection(tiny_bundle, tmp_path):
+    b = load_bundle(tiny_bundle)
+    assert auto_backend(b) == "onnxruntime"
+    assert open_backend(b, "auto", "auto").name == "onnxruntime"
+    with pytest.raises(UnavailableError, match="CUDAExecutionProvider"):
+        open_backend(b, "onnxruntime", "cuda")   # this onnxruntime is the CPU build
+    with pytest.raises(UsageError, match="unknown device"):
+        open_backend(b, "onnxruntime", "gpu")
+    with pytest.raises(UsageError, match="unknown backend"):
+        open_backend(b, "tvm", "cpu")
+    with pytest.raises(UsageError, match="TensorRT cannot be installed"):
+        open_backend(b, "tensorrt", "cpu")
+    # a torch-only bundle: auto takes torch; onnxruntime names what the bundle lacks
+    from deeprecon.export.bundle import random_bundle
+    torch_only = load_bundle(random_bundle(tmp_path / "t", preset="tiny", onnx=False))
+    assert "hybrid_grad" not in torch_only.graphs
+    assert auto_backend(torch_only) == "torch"
+    with pytest.raises(BundleError, match="graph 'encoder' has no onnx artifact"):
+        open_backend(torch_only, "onnxruntime", "cpu")
+
+
+def test_reconstruct_with_inversion_without_torch(tiny_bundle, tmp_path):
+    """`pip install deeprecon-rt[onnx]` without torch: reconstruct with K > 0 runs on
+    the onnxruntime backend, and torch is never imported."""
+    from deeprecon.runtime.phantom import make_phantom, write_phantom
+
+    write_phantom(make_phantom(slices=5, phases=2, seed=3, matrix=(64, 72),
+                               pixel_spacing_mm=3.0), tmp_path / "study", preview=False)
+    out = tmp_path / "out"
+    code = BLOCK_TORCH + (
+        "from deeprecon.runtime.cli import run\n"
+        f"rc = run(['reconstruct', {str(tmp_path / 'study')!r}, '-o', {str(out)!r}, "
+        f"'--bundle', {str(tiny_bundle)!r}, '--steps', '3', '--interp', '1', '--json'])\n"
+        "assert rc == 0, rc\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+        "assert not bad, bad\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, cwd="/")
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout[p.stdout.index("{"):])
+    assert summary["timings_s"]["invert"] > 0
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["backend"] == "onnxruntime" and report["device"] == "cpu"
+    assert report["inversion"]["settings"]["steps"] == 3 and report["inversion"]["steps_max"] >= 1
