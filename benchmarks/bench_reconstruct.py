@@ -16,9 +16,10 @@ otherwise share the cores of one timing), one after the other:
 
 - per K (``--steps``): one cold call (graph warm-up included) recorded apart, then
   ``--repeats`` warm calls; per stage the median of the warm calls;
-- the inversion step alone, per inversion batch (``--batches``): ``invert`` of the
-  study's images for ``--step-repeats`` steps, seconds per step and per image (the
-  runner's real path: cached LPIPS features on onnxruntime, Adam, the fused kernel);
+- the inversion step alone, per inversion batch (``--batches``): the difference of two
+  ``invert`` calls on the study's images, 2 and 2 + ``--step-repeats`` steps, so that
+  the once-per-call work cancels out: seconds per step and per image on the runner's
+  real path (cached LPIPS features on onnxruntime, Adam, the fused kernel);
 - the naive anchor (its own process): the paper's loop, one image at a time, Adam from
   ``torch.optim``, the unfused plain-PyTorch loss (the kernel's reference
   implementation, LPIPS of (x, y) recomputed every step), eager, at the first K > 0.
@@ -87,12 +88,14 @@ def backend_worker(args) -> dict:
     w0 = rec.backend.encode(x)
     per_batch = {}
     for b in args.batches:
-        s = rec.settings(steps=args.step_repeats, batch=b, early_stop_patience=0)
-        rec.backend.invert(x[:b], roi[:b], w0[:b], rec.settings(steps=2, batch=b,
-                                                                early_stop_patience=0))
-        t0 = time.perf_counter()
-        rec.backend.invert(x, roi, w0, s)
-        t = (time.perf_counter() - t0) / args.step_repeats
+        def run(steps: int) -> float:
+            t0 = time.perf_counter()
+            rec.backend.invert(x, roi, w0, rec.settings(steps=steps, batch=b, early_stop_patience=0))
+            return time.perf_counter() - t0
+        run(1)  # warm-up at this batch size
+        # the difference of two inversions: the per-call work (LPIPS features of x,
+        # the last code's scoring, the render) cancels out
+        t = (run(2 + args.step_repeats) - run(2)) / args.step_repeats
         per_batch[b] = {"seconds_per_step": t, "seconds_per_image_step": t / len(x)}
         print(f"{args.worker} step, batch {b}: {t:.3f} s for {len(x)} images", file=sys.stderr)
     info = rec.backend.info()
@@ -217,7 +220,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 20, 100])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 5, 10, 20])
-    ap.add_argument("--step-repeats", type=int, default=5)
+    ap.add_argument("--step-repeats", type=int, default=10)
     ap.add_argument("--interp", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive anchor")

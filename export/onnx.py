@@ -159,7 +159,7 @@ def verify_onnx(path: str | Path, model: "torch.nn.Module", inputs: tuple, *,
         import onnxruntime as ort
     except ImportError as e:
         raise UnavailableError("onnxruntime is not installed",
-                               hint="pip install 'deeprecon-rt[onnx]'") from e
+                               hint="pip install 'deeprecon-rt[train]'") from e
     model = model.eval()
     with torch.no_grad():  # the reference first: onnxruntime's threads then have the CPU
         ref = model(*[x.cpu() for x in inputs])
