@@ -187,10 +187,15 @@ class Study:
         return f"phase{p:02d}"
 
     def describe(self) -> dict[str, Any]:
-        """What `deeprecon-rt study info` prints: a JSON-serialisable summary."""
+        """What `deeprecon-rt study info` prints: a JSON-serialisable summary, valid JSON
+        under any input: NaN and infinite values (in geometry, trigger times or ``info``)
+        become None, numpy scalars Python numbers."""
+        from deeprecon.runtime.metrics import json_safe   # the one NaN -> null converter
+
         g = self.geometry
-        gaps = g.slice_gaps
-        return {
+        with np.errstate(all="ignore"):
+            gaps = g.slice_gaps
+        return json_safe({
             "source": self.source,
             "format": self.source_format,
             "series_uid": self.series_uid,
@@ -206,15 +211,14 @@ class Study:
             "orientation": g.orientation_label(),
             "row_direction": [round(float(v), 6) for v in g.row_dir],
             "column_direction": [round(float(v), 6) for v in g.col_dir],
-            "trigger_times_ms": [None if np.isnan(t) else round(float(t), 3)
-                                 for t in self.trigger_times],
+            "trigger_times_ms": [round(float(t), 3) for t in self.trigger_times],
             "phase_ids": list(self.phase_ids),
             "ed_phase": self.ed_phase,
             "es_phase": self.es_phase,
             "has_labels": self.labels is not None,
             "info": self.info,
             "warnings": list(self.warnings),
-        }
+        })
 
 
 def volume_to_sitk(volume: np.ndarray, geometry: Geometry, *, slice_spacing: float | None = None,

@@ -1,22 +1,34 @@
 """Hostile inputs through ``deeprecon-rt study info`` (issue 13, section 1): a seeded fuzzer.
 
 A small DICOM series (4 slices x 2 phases, 16 x 16, written by ``dicom_series``), a
-small 4D NIfTI (int16 and float32) and a tiny ACDC folder (its Info.cfg) are mutated one
-way per case: a header value
-replaced by NaN, inf, 0, a negative, 1e-30, 1e308 or text; an element given the wrong
-VR; Rows/Columns/PixelData sizes that disagree; truncation; raw header bytes of the
-NIfTI overwritten; NaN voxels. Each case runs in-process through the CLI and must end
-with exit 0, 65 or 66 (never 70), without a traceback and within a few seconds; exit 0
-only with finite, positive geometry.
+small 4D NIfTI (int16 and float32, plain and gzip) and a tiny ACDC folder are mutated
+one way per case: a header value replaced by NaN, inf, 0, a negative, 1e-30, 1e308 or
+text; an element given the wrong VR; Rows/Columns/PixelData sizes that disagree;
+truncation; raw header bytes of the NIfTI overwritten (sform and qform made to
+disagree, the time unit changed); NaN voxels; a gzip stream with a broken CRC, length,
+body or trailer; Info.cfg values; and a file replaced by, or joined by, a FIFO, a link to
+/dev/zero or /dev/urandom, a link leaving the folder or one staying inside it.
+
+Each case runs in-process through the CLI (in a thread, so that a hang fails the test
+instead of stopping it) and must end with exit 0, 65 or 66 (never 70), without a
+traceback, without a Python warning or library output on stderr (only the error line,
+its hint and the runtime's own log lines), within a few seconds; exit 0 only with
+finite, positive geometry, and with a warning where the input was repaired or a value
+ignored (one file's broken PixelSpacing, a SpacingBetweenSlices the positions
+contradict, special files beside a DICOM series).
 
 Runs in the normal suite (no marker): a few hundred cases in well under a minute.
 """
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import re
 import shutil
 import struct
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -36,7 +48,9 @@ from deeprecon.runtime.cli import run  # noqa: E402
 SEED = 1313
 N_DICOM = 240
 N_NIFTI = 120
+N_NIFTI_GZ = 40
 N_ACDC = 40
+N_SPECIAL = 40
 CASE_TIME_LIMIT_S = 10.0
 ALLOWED = {0, 65, 66}
 
@@ -61,15 +75,15 @@ NIFTI_FIELDS = [(f"dim[{k}]", 40 + 2 * k, "<h") for k in range(8)] + \
      ("sform_code", 254, "<h")] + \
     [(n, 256 + 4 * k, "<f") for k, n in enumerate(
         ["quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"])] + \
-    [(f"srow[{k}]", 280 + 4 * k, "<f") for k in range(12)]
+    [(f"srow[{k}]", 280 + 4 * k, "<f") for k in range(12)] + [("xyzt_units", 123, "<B")]
 FLOATS = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-30, 3e38, -3e38, 2.5]
 INTS = [-5, -1, 0, 1, 2, 7, 8, 32767, -32768]
+UNITS = [0, 2, 2 | 8, 2 | 16, 2 | 24, 255]   # xyzt_units: mm with sec, msec, usec
+SPECIAL_KINDS = ["fifo", "dev_zero", "dev_urandom", "link_out", "link_in"]
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
-    import logging
-    logging.getLogger("pydicom").setLevel(logging.ERROR)   # invalid values are the point here
     import dicom_series
     root = tmp_path_factory.mktemp("fuzz_base")
     study = synthetic_study(phases=2, slices=4, rows=16, cols=16)
@@ -88,6 +102,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
         img.SetOrigin((10.0, -20.0, 30.0, 0.0))
         out[name] = root / f"{name}.nii"
         sitk.WriteImage(img, str(out[name]))
+    out["nifti_gz"] = root / "nifti_gz.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(out["nifti_i16"])), str(out["nifti_gz"]))
     # a tiny ACDC patient folder: frames 1 and 3 of 3, with labels, and Info.cfg
     acdc = root / "patient001"
     acdc.mkdir()
@@ -220,11 +236,93 @@ def _mutate_nifti(path: Path, rng) -> str:
     descr = []
     for _ in range(2 if kind == "two_fields" else 1):
         name, off, fmt = NIFTI_FIELDS[int(rng.integers(len(NIFTI_FIELDS)))]
-        v = float(rng.choice(FLOATS)) if fmt == "<f" else int(rng.choice(INTS))
+        v = (float(rng.choice(FLOATS)) if fmt == "<f" else int(rng.choice(UNITS)) if fmt == "<B"
+             else int(rng.choice(INTS)))
         struct.pack_into(fmt, data, off, v)
         descr.append(f"{name}={v}")
     path.write_bytes(bytes(data))
     return ", ".join(descr)
+
+
+def _mutate_gzip(path: Path, rng) -> tuple[str, int | None]:
+    """The gzip stream of a .nii.gz damaged (CRC-32, length, a byte of the body, the end
+    cut, bytes appended) or its NIfTI header mutated inside an intact stream. Returns
+    (description, the exit code it must give or None when either is right)."""
+    data = bytearray(path.read_bytes())
+    kind = rng.choice(["crc", "isize", "body", "truncate", "trailing", "inner", "inner"])
+    if kind in ("crc", "isize"):
+        i = len(data) - (8 if kind == "crc" else 4) + int(rng.integers(4))
+        data[i] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        return f"gzip {kind} byte {i} flipped", 65
+    if kind == "body":
+        i = int(rng.integers(10, len(data) - 8))
+        data[i] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        return f"gzip body byte {i} flipped", None   # a padding bit may change nothing
+    if kind == "truncate":
+        path.write_bytes(bytes(data[: int(rng.integers(0, len(data)))]))
+        return "gzip truncated", None if len(data) == 0 else 65
+    if kind == "trailing":
+        path.write_bytes(bytes(data) + b"junk" * int(rng.integers(1, 5)))
+        return "gzip with trailing bytes", 65
+    raw = path.with_suffix("")             # .nii: mutate the header, compress again
+    raw.write_bytes(gzip.decompress(bytes(data)))
+    what = _mutate_nifti(raw, rng)
+    path.write_bytes(gzip.compress(raw.read_bytes()))
+    raw.unlink()
+    return f"inside gzip: {what}", None
+
+
+def _make_special(path: Path, kind: str, outside: Path) -> None:
+    """``path`` (removed first when it exists) made a FIFO or a symlink."""
+    if os.path.lexists(path):
+        if kind == "link_in":              # the real file moves to a hidden name inside
+            path.rename(path.with_name("." + path.name + ".real"))
+        else:
+            path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link_in":
+        os.symlink(path.with_name("." + path.name + ".real"), path)
+    else:
+        os.symlink({"dev_zero": "/dev/zero", "dev_urandom": "/dev/urandom",
+                    "link_out": str(outside)}[kind], path)
+
+
+def _mutate_special(work: Path, rng, bases: dict[str, Path]) -> tuple[Path, str, int, str | None]:
+    """A DICOM folder, a NIfTI folder or an ACDC folder in ``work`` with one file replaced
+    by (or, for DICOM, joined by) a FIFO or a symlink. Returns (target, description, the
+    exit code it must give, a phrase its stderr or warnings must hold)."""
+    kind = str(rng.choice(SPECIAL_KINDS))
+    which = str(rng.choice(["dicom", "nifti", "acdc"]))
+    if which == "nifti":
+        work.mkdir()
+        shutil.copyfile(bases["nifti_gz"], work / "sax.nii.gz")
+        name = str(rng.choice(["sax.nii.gz", "sax_gt.nii.gz"]))
+        if name == "sax_gt.nii.gz" and kind == "link_in":
+            name = "sax.nii.gz"            # a label linked inside: not on the image's grid
+        _make_special(work / name, kind, outside=bases["nifti_gz"])
+    else:
+        shutil.copytree(bases[which], work)
+        files = sorted(p.name for p in work.iterdir())
+        name = files[int(rng.integers(len(files)))]
+        beside = which == "dicom" and kind != "link_in" and rng.random() < 0.5
+        if beside:
+            name = "extra" + ("" if rng.random() < 0.5 else ".dcm")
+        outside = next(p for p in sorted(bases[which].iterdir()) if p.name != name) \
+            if which == "dicom" else bases["nifti_gz"]
+        _make_special(work / name, kind, outside=outside)
+        if which == "dicom":
+            what = f"dicom: {name} {'added as' if beside else 'replaced by'} {kind}"
+            if kind == "link_in":
+                return work, what, 0, None
+            # beside: skipped with a warning; replaced: the error names it (a missing image)
+            return work, what, 0 if beside else 65, "not regular files" if beside else name
+    what = f"{which}: {name} replaced by {kind}"
+    if kind == "link_in":
+        return work, what, 0, None
+    return work, what, 65, "not a regular file"
 
 
 def _mutate_acdc(folder: Path, rng) -> str:
@@ -256,6 +354,10 @@ def _mutate_acdc(folder: Path, rng) -> str:
 
 
 # --------------------------------------------------------------------------- the check
+# what stderr may hold: the error line, its indented continuation and hint lines, and the
+# runtime's own log lines; anything else (library warnings, nifticlib/VNL output) is noise
+_OWN_LINE = re.compile(r"^(deeprecon-rt: error: |  |\S+ \S+ (WARNING|INFO|ERROR) deeprecon\.)")
+
 def _geometry_ok(info: dict) -> str | None:
     """None when the summary's geometry is finite and positive, else what is wrong."""
     ps = info["pixel_spacing_mm"]
@@ -281,47 +383,105 @@ def _geometry_ok(info: dict) -> str | None:
     return None
 
 
-def test_fuzz_study_info(bases, tmp_path, capsys):
+def _repair_expected(what: str) -> str | None:
+    """The warning an accepted DICOM case must carry, from its (single) mutation."""
+    m = re.fullmatch(r"IM\d+\.dcm: (PixelSpacing|SpacingBetweenSlices)=\[([^];]*)\]", what)
+    if m is None:
+        return None
+    values = [v.strip(" '") for v in m.group(2).split(",")]
+    if m.group(1) == "SpacingBetweenSlices":
+        return "SpacingBetweenSlices" if values != [""] else None
+    nums = [float(v) for v in values if re.fullmatch(r"[-+0-9.einf]+", v)]
+    if len(values) == 2 and len(nums) == 2 and not all(np.isfinite(v) and v > 0 for v in nums):
+        return "repaired"
+    return None
+
+
+def _run_cli(argv: list[str], timeout: float):
+    """run(argv) in a daemon thread: (finished, exit code, warnings caught)."""
+    box: dict = {}
+
+    def target():
+        box["rc"] = run(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=target, daemon=True)
+        t.start()
+        t.join(timeout)
+    return not t.is_alive(), box.get("rc"), list(caught)
+
+
+def test_fuzz_study_info(bases, tmp_path, capfd):
     rng = np.random.default_rng(SEED)
     outcomes: Counter = Counter()
+    checked: Counter = Counter()          # accepted cases whose warning was checked
     failures: list[str] = []
     t_start = time.perf_counter()
     cases = (["dicom"] * N_DICOM + ["nifti_i16"] * (N_NIFTI // 2) + ["nifti_f32"] * (N_NIFTI // 2)
-             + ["acdc"] * N_ACDC)
+             + ["nifti_gz"] * N_NIFTI_GZ + ["acdc"] * N_ACDC + ["special"] * N_SPECIAL)
     for i, base in enumerate(cases):
         work = tmp_path / f"case{i:04d}"
+        must_rc = must_say = None
         if base in ("dicom", "acdc"):
             shutil.copytree(bases[base], work)
             what = (_mutate_dicom if base == "dicom" else _mutate_acdc)(work, rng)
             target = work
+            must_say = _repair_expected(what) if base == "dicom" else None
+        elif base == "special":
+            target, what, must_rc, must_say = _mutate_special(work, rng, bases)
         else:
             work.mkdir()
-            target = work / "sax.nii"
+            target = work / bases[base].name.replace(base, "sax")
             shutil.copyfile(bases[base], target)
-            what = _mutate_nifti(target, rng)
-        capsys.readouterr()
+            if base == "nifti_gz":
+                what, must_rc = _mutate_gzip(target, rng)
+            else:
+                what = _mutate_nifti(target, rng)
+        capfd.readouterr()
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rc = run(["study", "info", "--json", str(target)])
+        finished, rc, caught = _run_cli(["study", "info", "--json", str(target)],
+                                        timeout=CASE_TIME_LIMIT_S)
         dt = time.perf_counter() - t0
-        out, err = capsys.readouterr()
-        outcomes[int(rc)] += 1
+        out, err = capfd.readouterr()
         label = f"case {i} ({base}: {what}): exit {rc}"
+        if not finished:
+            failures.append(f"{label}: still running after {CASE_TIME_LIMIT_S:g} s (a hang)")
+            outcomes["timeout"] += 1
+            break                          # the hung thread holds the CLI: stop here
+        noise = [ln for ln in err.splitlines() if not _OWN_LINE.match(ln)]
+        outcomes[int(rc)] += 1
         if rc not in ALLOWED:
             failures.append(f"{label}: {err.strip()[-300:]}")
         elif "Traceback" in err or "Traceback" in out:
             failures.append(f"{label}: traceback in the output")
+        elif caught:
+            failures.append(f"{label}: warning leaked: {caught[0].category.__name__}: "
+                            f"{caught[0].message}"[:400])
+        elif noise:
+            failures.append(f"{label}: stderr noise: {noise[:3]}"[:400])
         elif dt > CASE_TIME_LIMIT_S:
             failures.append(f"{label}: took {dt:.1f} s")
+        elif must_rc is not None and rc != must_rc:
+            failures.append(f"{label}: must exit {must_rc}: {err.strip()[-300:]}")
         elif rc == 0:
-            why = _geometry_ok(json.loads(out))
+            info = json.loads(out, parse_constant=lambda c: pytest.fail(f"{label}: {c} in JSON"))
+            why = _geometry_ok(info)
             if why:
                 failures.append(f"{label}: accepted with {why}")
-        shutil.rmtree(work, ignore_errors=True)
+            elif must_say and not any(must_say in w for w in info["warnings"]):
+                failures.append(f"{label}: accepted without a warning saying {must_say!r}: "
+                                f"{info['warnings']}")
+            elif must_say:
+                checked[must_say] += 1
+        elif must_rc is not None and must_say and must_say not in err:
+            failures.append(f"{label}: the error does not say {must_say!r}: {err.strip()[-300:]}")
+        if "special" not in base:
+            shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t_start
-    print(f"fuzz: {len(cases)} cases in {total:.1f} s, exit codes {dict(sorted(outcomes.items()))}")
-    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:20])
+    print(f"fuzz: {len(cases)} cases in {total:.1f} s, exit codes "
+          f"{dict(sorted(outcomes.items(), key=str))}, {len(failures)} failures; warnings of "
+          f"accepted cases checked: {dict(checked)}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:40])
     assert outcomes[65] > len(cases) // 3, outcomes     # the mutations do break things
     assert outcomes[0] > 0, outcomes                    # and some are harmless
     assert total < 60.0, f"{total:.1f} s"

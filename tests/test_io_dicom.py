@@ -449,22 +449,23 @@ def _write_non_image(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- hostile headers
-def _break_one(folder: Path, mutate) -> Path:
+def _break_one(folder: Path, mutate, *, count: int = 1) -> Path:
     """Write a 4-slice x 2-phase series and apply ``mutate(ds)`` to one file (phase 1,
-    slice 2), saved as it is (no format enforcement). Returns the broken file."""
+    slice 2; ``count`` > 1: also the files after it), saved as it is (no format
+    enforcement). Returns the (first) broken file."""
+    import warnings
     study = synthetic_study(phases=2, slices=4, rows=16, cols=16)
     paths = write_dicom_series(study, folder)
-    path = paths[2 * 2 + 1]
-    ds = pydicom.dcmread(path)
-    mutate(ds)
-    ds.save_as(path, enforce_file_format=False)
-    return path
+    for path in paths[2 * 2 + 1: 2 * 2 + 1 + count]:
+        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # pydicom warns about invalid DS values
+            mutate(ds)
+            ds.save_as(path, enforce_file_format=False)
+    return paths[2 * 2 + 1]
 
 
 @pytest.mark.parametrize("name, mutate, phrase", [
-    ("ps_nan", lambda ds: setattr(ds, "PixelSpacing", ["nan", "1"]), "PixelSpacing"),
-    ("ps_zero", lambda ds: setattr(ds, "PixelSpacing", ["0", "0"]), "PixelSpacing"),
-    ("ps_inf", lambda ds: setattr(ds, "PixelSpacing", ["inf", "1"]), "PixelSpacing"),
     ("ps_tiny", lambda ds: setattr(ds, "PixelSpacing", ["1e-30", "1e-30"]), "PixelSpacing"),
     ("iop_huge", lambda ds: setattr(ds, "ImageOrientationPatient", ["1e308"] * 6),
      "ImageOrientationPatient"),
@@ -481,15 +482,81 @@ def _break_one(folder: Path, mutate) -> Path:
         0x00180050, "LO", "abc")), "SliceThickness"),
     ("cols_minus_one", lambda ds: setattr(ds, "Columns", 15), "PixelData"),
     ("pixels_doubled", lambda ds: setattr(ds, "PixelData", ds.PixelData * 2), "PixelData"),
+    ("slope_zero", lambda ds: setattr(ds, "RescaleSlope", "0"), "RescaleSlope"),
+    ("slope_nan", lambda ds: setattr(ds, "RescaleSlope", "nan"), "RescaleSlope"),
+    ("intercept_huge", lambda ds: setattr(ds, "RescaleIntercept", "1e308"), "RescaleIntercept"),
+    ("samples_3", lambda ds: setattr(ds, "SamplesPerPixel", 3), "SamplesPerPixel 3"),
+    ("frames_2g", lambda ds: setattr(ds, "NumberOfFrames", "2147483647"), "NumberOfFrames"),
 ])
 def test_hostile_header_values_are_refused(tmp_path, name, mutate, phrase):
-    """Each broken value: InvalidStudyError (65) naming the file and the tag."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # pydicom warns about invalid DS values
-        path = _break_one(tmp_path / name, mutate)
+    """Each broken value: InvalidStudyError (65) naming the file and the tag (a file
+    that cannot be used at all is skipped, and the error it causes names it and why)."""
+    path = _break_one(tmp_path / name, mutate)
     err = expect(Exception, lambda: load_dicom(tmp_path / name), phrase, code=65)
     assert path.name in str(err)
+
+
+@pytest.mark.parametrize("bad", [["nan", "nan"], ["0", "0"], ["inf", "1.25"], ["-1.5", "1.25"]])
+def test_one_broken_pixel_spacing_is_repaired_with_a_warning(tmp_path, bad):
+    """One file of 20 (5 slices x 4 phases) with a NaN, 0, inf or negative PixelSpacing
+    while the 19 others agree: repaired from them, and the Study says so."""
+    study = synthetic_study(phases=4, slices=5, rows=16, cols=16)
+    paths = write_dicom_series(study, tmp_path / "s")
+    import warnings
+    ds = pydicom.dcmread(paths[7])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.PixelSpacing = bad
+        ds.save_as(paths[7], enforce_file_format=False)
+    st = load_dicom(tmp_path / "s")
+    assert st.geometry.pixel_spacing == (1.5, 1.25) and st.images.shape == (4, 5, 16, 16)
+    w = [x for x in st.warnings if "repaired" in x]
+    assert len(w) == 1 and paths[7].name in w[0] and "PixelSpacing" in w[0], st.warnings
+    assert "1.5, 1.25" in w[0] and "19 other files" in w[0], w
+
+
+@pytest.mark.parametrize("case", ["two_files", "also_trigger", "tiny", "others_disagree"])
+def test_pixel_spacing_not_safely_repairable_is_refused(tmp_path, case):
+    """No repair unless it is safe: two broken files, a broken file with another broken
+    value, a positive but absurd spacing (1e-30), or other files that disagree among
+    themselves: refused (65) naming the file and PixelSpacing."""
+    def nan_ps(ds):
+        ds.PixelSpacing = ["nan", "nan"]
+        if case == "also_trigger":
+            ds.TriggerTime = "nan"
+        if case == "tiny":
+            ds.PixelSpacing = ["1e-30", "1e-30"]
+    path = _break_one(tmp_path / "s", nan_ps, count=2 if case == "two_files" else 1)
+    if case == "others_disagree":
+        other = sorted((tmp_path / "s").iterdir())[0]
+        ds = pydicom.dcmread(other)
+        ds.PixelSpacing = ["1.6", "1.25"]
+        ds.save_as(other)
+    err = expect(InvalidStudyError, lambda: load_dicom(tmp_path / "s"), "PixelSpacing",
+                 path.name, code=65)
+    assert "repaired" not in str(err)
+
+
+@pytest.mark.parametrize("value, shown", [("5", "5"), ("nan", "nan"), ("-8", "-8"), ("0", "0")])
+def test_spacing_between_slices_that_disagrees_is_a_warning(tmp_path, value, shown):
+    """SpacingBetweenSlices is never used (the positions are); one that the positions
+    contradict, or that is not a finite number, is recorded as a Study warning."""
+    import warnings
+    study = synthetic_study(phases=2, slices=4, rows=16, cols=16, slice_spacing=8.0)
+    for path in write_dicom_series(study, tmp_path / "s"):
+        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # pydicom warns about 'nan' as DS
+            ds.SpacingBetweenSlices = value
+        ds.save_as(path, enforce_file_format=False)
+    st = load_dicom(tmp_path / "s")
+    np.testing.assert_allclose(st.geometry.slice_gaps, 8.0)
+    w = [x for x in st.warnings if "SpacingBetweenSlices" in x]
+    assert len(w) == 1 and f"SpacingBetweenSlices {shown} mm" in w[0], st.warnings
+    assert "8.00 mm apart" in w[0] and "positions are used" in w[0] and "8 of 8 images" in w[0]
+    # agreeing values: no warning
+    st = load_dicom(write_dicom_series(study, tmp_path / "ok")[0].parent)
+    assert not [x for x in st.warnings if "SpacingBetweenSlices" in x]
 
 
 def test_unknown_transfer_syntax_and_frame_count(tmp_path):
@@ -499,9 +566,11 @@ def test_unknown_transfer_syntax_and_frame_count(tmp_path):
     expect(UnsupportedTransferSyntaxError, lambda: load_dicom(tmp_path / "ts"),
            "TransferSyntaxUID", path.name, code=65)
     # NumberOfFrames far beyond the file: skipped as unreadable before any allocation,
-    # then the missing image is a phase-count error (65)
-    _break_one(tmp_path / "nf", lambda ds: setattr(ds, "NumberOfFrames", 999_999_999))
-    expect(PhaseCountMismatchError, lambda: load_dicom(tmp_path / "nf"), "unreadable", code=65)
+    # then the missing image is a phase-count error (65) naming the file and the tag
+    for n in (999_999_999, 2_147_483_647):
+        path = _break_one(tmp_path / f"nf{n}", lambda ds: setattr(ds, "NumberOfFrames", n))
+        expect(PhaseCountMismatchError, lambda: load_dicom(tmp_path / f"nf{n}"), "unreadable",
+               path.name, f"NumberOfFrames {n}", code=65)
 
 
 def _in_thread(fn, timeout=30.0):

@@ -4,10 +4,14 @@ The ED and ES frames named in ``Info.cfg`` become two phases, ordered by frame n
 Labels are remapped from ACDC's 1 RV / 2 MYO / 3 LV to the project's 1 LVC / 2 LVM / 3 RVC.
 When a frame file is absent but the full cine ``patientNNN_4d.nii.gz`` is there (the
 organisers' complete distribution), the frame is taken from it (frame numbers are 1-based).
+
+Every file read (Info.cfg, frames, labels, the cine) must be a regular file inside the
+folder: a FIFO, a device, or a symlink leaving the folder is refused (exit 65) unopened.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import numpy as np
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError
 from deeprecon.runtime.io.nifti import (NIFTI_SUFFIXES, image_to_arrays, nifti_stem, read_labels,
                                         read_nifti)
-from deeprecon.runtime.io.validate import GeometryMismatchError, add_warning, validate_study
+from deeprecon.runtime.io.validate import (GeometryMismatchError, add_warning, check_regular_file,
+                                           validate_study)
 from deeprecon.runtime.study import Study
 
 log = logging.getLogger(__name__)
@@ -24,24 +29,35 @@ log = logging.getLogger(__name__)
 FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 CINE_RE = re.compile(r"^(patient\d+)_4d\.nii(\.gz)?$", re.IGNORECASE)
 INFO_FILE = "Info.cfg"
+MAX_INFO_BYTES = 64 << 10
 
 
 def is_acdc_folder(folder: str | Path) -> bool:
     """True for a folder holding ``Info.cfg`` and ``patient*_frame*.nii[.gz]`` (or ``_4d``)."""
     folder = Path(folder)
-    if not (folder / INFO_FILE).is_file():
+    info = folder / INFO_FILE
+    if not os.path.lexists(info) or info.is_dir():   # a FIFO Info.cfg is refused on load
         return False
     return any(FRAME_RE.match(p.name) or CINE_RE.match(p.name) for p in folder.iterdir())
 
 
-def parse_info_cfg(path: str | Path) -> dict[str, str]:
-    """``key: value`` lines of an ACDC Info.cfg as a dict of strings (keys as written)."""
+def parse_info_cfg(path: str | Path, *, root: str | Path | None = None) -> dict[str, str]:
+    """``key: value`` lines of an ACDC Info.cfg as a dict of strings (keys as written).
+
+    root: the folder it must lie in (no FIFO, device, or link leaving it); None: itself.
+    A file over MAX_INFO_BYTES is refused (the real one has a few short lines)."""
     path = Path(path)
+    check_regular_file(path, path if root is None else Path(root))
     out: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_INFO_BYTES + 1)
+        text = raw.decode("utf-8", errors="replace")
     except OSError as exc:
         raise InvalidStudyError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_INFO_BYTES:
+        raise InvalidStudyError(f"{path}: more than {MAX_INFO_BYTES >> 10} KiB: not an ACDC "
+                                "Info.cfg (a few 'key: value' lines)")
     for line in text.splitlines():
         if ":" in line:
             k, v = line.split(":", 1)
@@ -70,8 +86,8 @@ def _gt_file(folder: Path, frame_path: Path | None, patient: str | None, frame: 
     for stem in stems:
         for ext in NIFTI_SUFFIXES:
             cand = folder / f"{stem}_gt{ext}"
-            if cand.is_file():
-                return cand
+            if os.path.lexists(cand) and not cand.is_dir():
+                return cand   # a FIFO or a link out is refused when read, not ignored
     return None
 
 
@@ -88,9 +104,9 @@ def load_acdc(folder: str | Path, *, validate: bool = True) -> Study:
     if not folder.is_dir():
         raise NoInputError(f"{folder}: no such folder", hint="check the path")
     info_path = folder / INFO_FILE
-    if not info_path.is_file():
+    if not os.path.lexists(info_path):
         raise NoInputError(f"{folder}: no {INFO_FILE} (not an ACDC patient folder)")
-    cfg = parse_info_cfg(info_path)
+    cfg = parse_info_cfg(info_path, root=folder)
     ed, es = _num(cfg, "ED", int), _num(cfg, "ES", int)
     if ed is None or es is None:
         raise InvalidStudyError(f"{info_path}: ED and ES frame numbers missing or not finite whole numbers "
@@ -127,19 +143,19 @@ def load_acdc(folder: str | Path, *, validate: bool = True) -> Study:
     cine_img = cine_arr = None
     for f in wanted:
         if f in frames:
-            img = read_nifti(frames[f])
+            img = read_nifti(frames[f], root=folder)
             if img.GetDimension() != 3:
                 raise InvalidStudyError(f"{frames[f]}: {img.GetDimension()}D image; an ACDC frame "
                                         "file is one 3D volume")
-            arr, geo, _, _, _ = image_to_arrays(img, what=f"{frames[f]}: ")
+            arr, geo, _ = image_to_arrays(img, what=f"{frames[f]}: ")
             src = frames[f]
         else:
             if cine_img is None:
-                cine_img = read_nifti(cine)
+                cine_img = read_nifti(cine, root=folder)
                 if cine_img.GetDimension() != 4:
                     raise InvalidStudyError(f"{cine}: expected a 4D cine, got "
                                             f"{cine_img.GetDimension()}D")
-                cine_arr, cine_geo, _, _, _ = image_to_arrays(cine_img, what=f"{cine}: ")
+                cine_arr, cine_geo, _ = image_to_arrays(cine_img, what=f"{cine}: ")
             if not 1 <= f <= cine_arr.shape[0]:
                 raise InvalidStudyError(f"{cine}: frame {f} (from Info.cfg) is outside its "
                                         f"{cine_arr.shape[0]} frames")
@@ -161,7 +177,7 @@ def load_acdc(folder: str | Path, *, validate: bool = True) -> Study:
         if gt_path is not None:
             like = img if img is not None else cine_img[:, :, :, f - 1]
             gt = read_labels(gt_path, like=like, image_shape=arr.shape,
-                             label_convention="acdc", what=f"{gt_path}: ")[0]
+                             label_convention="acdc", what=f"{gt_path}: ", root=folder)[0]
         if gt is None:
             labels_ok = False
             warnings.append(f"{folder}: no label file (_gt) for frame {f}: the study has no labels")

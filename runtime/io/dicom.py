@@ -7,10 +7,16 @@ What it does, in order:
    a file counts as DICOM when it has the ``DICM`` preamble, a DICOM extension, or
    starts like a raw DICOM data set. DICOMDIR and non-image objects (reports,
    presentation states, raw data) are skipped quietly; unreadable or truncated files
-   are skipped with one warning giving their count and a few names.
+   are skipped with one warning giving their count and a few names; FIFOs, devices and
+   links leaving the folder are skipped unopened, with a warning. Every header value
+   used is checked per file before any pixel is decoded (:func:`_header_problems`);
+   pydicom's own warnings about invalid values are silenced, the checks name them.
 2. Expand every image into frames (an Enhanced MR multi-frame file gives one frame per
    image, geometry from its functional groups).
-3. Group frames by SeriesInstanceUID. A short-axis cine candidate is an MR series with
+3. Group frames by SeriesInstanceUID. One safe repair: when exactly one file of a
+   series has a NaN, infinite, zero or negative PixelSpacing and all other files agree,
+   their value replaces it, with a warning (:func:`_repair_pixel_spacing`); any other
+   broken value refuses the series (InvalidGeometryError naming file and tag). A short-axis cine candidate is an MR series with
    at least two parallel slice positions (localisers excluded). One candidate: used,
    the other series are listed in the warnings. Several: MixedSeriesError listing them
    (pick with ``series=``). None, but several parallel single-slice cine series that
@@ -19,14 +25,15 @@ What it does, in order:
 4. Within the chosen frames: group by position along the slice normal, sort phases by
    TriggerTime (InstanceNumber breaks ties), check orientations, matrix and spacing,
    phase counts, duplicates and gaps (see :mod:`.validate`), apply
-   RescaleSlope/Intercept, and build the Study.
+   RescaleSlope/Intercept, and build the Study. Slices are placed by their positions;
+   a SpacingBetweenSlices that the positions contradict (or that is not a finite
+   number) is reported in the Study's warnings, never used.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import stat
 import warnings as _warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -36,11 +43,12 @@ import numpy as np
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError
 from deeprecon.runtime.io.validate import (
-    MAX_ORIENTATION_ANGLE_DEG, POSITION_TOL_MM, DuplicatePositionError, GeometryMismatchError,
+    MAX_ORIENTATION_ANGLE_DEG, PIXEL_SPACING_RTOL, POSITION_TOL_MM, DuplicatePositionError,
+    GeometryMismatchError,
     MixedSeriesError, NoImagesError, NonMRError, NoStackError, UnknownSeriesError,
     InvalidGeometryError, UnreadableFilesError, UnsupportedTransferSyntaxError, add_warning,
     check_in_plane, check_orientations, check_phase_counts, fmt_list, fmt_pos,
-    geometry_problems, validate_study)
+    geometry_problems, special_file, validate_study)
 from deeprecon.runtime.study import Geometry, Study
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,8 @@ MAX_MATRIX = 4096        # Rows, Columns
 MAX_FRAMES = 10_000      # NumberOfFrames of one multi-frame object
 MAX_PIXEL_BYTES = 2 << 30  # decoded pixel data one file may declare (compressed or not)
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
+MAX_RESCALE_SLOPE = 1e6       # |RescaleSlope|: beyond this the rescaled pixels are garbage
+MAX_RESCALE_INTERCEPT = 1e9   # |RescaleIntercept|
 
 
 # --------------------------------------------------------------------------- records
@@ -170,6 +180,12 @@ def _num(v, kind=float):
         return None
 
 
+def _num_or(v, default: float) -> float:
+    """A number from a tag, ``default`` when absent or empty (0 stays 0: it is checked)."""
+    x = _num(v)
+    return default if x is None else x
+
+
 def _sniff(path: Path) -> str:
     """'dicom' (DICM preamble), 'maybe' (extension or raw data set start), 'dicomdir', 'no'."""
     if path.name.upper() == "DICOMDIR":
@@ -262,7 +278,7 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
                 thickness=_num(_fg_attr(per, shared, "PixelMeasuresSequence", "SliceThickness")),
                 spacing_between=_num(_fg_attr(per, shared, "PixelMeasuresSequence",
                                               "SpacingBetweenSlices")),
-                slope=_num(slope) or 1.0, intercept=_num(icpt) or 0.0, **common))
+                slope=_num_or(slope, 1.0), intercept=_num_or(icpt, 0.0), **common))
         return out
     ipp, iop, ps = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing")
     try:
@@ -276,34 +292,8 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
                    trigger=trig, ipp=ipp, iop=iop, pixel_spacing=ps,
                    thickness=_num(ds.get("SliceThickness")),
                    spacing_between=_num(ds.get("SpacingBetweenSlices")),
-                   slope=_num(ds.get("RescaleSlope")) or 1.0,
-                   intercept=_num(ds.get("RescaleIntercept")) or 0.0, **common)]
-
-
-def special_file(path: Path, root: Path) -> str | None:
-    """Why ``path`` must not be opened, or None for a regular file inside ``root``.
-
-    Decided from ``os.lstat``/``os.stat`` alone (a FIFO is never opened): FIFOs, devices
-    and sockets are refused, and so are symlinks that resolve outside ``root`` (or
-    nowhere). ``root`` may be the file itself.
-    """
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            target = Path(os.path.realpath(path))
-            base = Path(os.path.realpath(root))
-            base = base if base.is_dir() else base.parent
-            if target != base and base not in target.parents:
-                return f"symlink to {target}, outside the input folder"
-            st = os.stat(path)
-    except OSError as exc:
-        return f"cannot stat ({exc.strerror})"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
-            else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-            else "not a regular file")
-    return kind
+                   slope=_num_or(ds.get("RescaleSlope"), 1.0),
+                   intercept=_num_or(ds.get("RescaleIntercept"), 0.0), **common)]
 
 
 def _list_files(root: Path, special: list[tuple[Path, str]] | None = None) -> list[Path]:
@@ -335,62 +325,65 @@ def _scan(root: Path) -> _Scan:
     import pydicom
 
     scan = _Scan()
-    for path in _list_files(root, scan.special):
-        scan.n_files += 1
-        kind = _sniff(path)
-        if kind == "dicomdir":
-            scan.dicomdir += 1
-            continue
-        if kind == "no":
-            scan.other_files += 1
-            continue
-        try:
-            with _warnings.catch_warnings():
-                _warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "unreadable"
-            if kind == "dicom" or path.suffix.lower() in DICOM_EXTENSIONS:
-                scan.unreadable.append((path, f"{type(exc).__name__}: {exc}"))
-            else:
+    with _warnings.catch_warnings():
+        # pydicom warns about each invalid value it converts (values are converted when
+        # first read, so this covers the whole header); the checks below name them once
+        _warnings.simplefilter("ignore")
+        for path in _list_files(root, scan.special):
+            scan.n_files += 1
+            kind = _sniff(path)
+            if kind == "dicomdir":
+                scan.dicomdir += 1
+                continue
+            if kind == "no":
                 scan.other_files += 1
-            continue
-        try:   # values are converted when first read: a damaged VR fails here
-            meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
-                           or "")
-            sop = str(ds.get("SOPClassUID", "") or meta_sop)
-        except Exception as exc:  # noqa: BLE001 - e.g. an unknown VR in the element
-            scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
-            continue
-        if sop == DICOMDIR_SOP or meta_sop == DICOMDIR_SOP:
-            scan.dicomdir += 1
-            continue
-        if "Rows" not in ds or "Columns" not in ds:
-            sop_name = ""
+                continue
             try:
-                from pydicom.uid import UID
-                sop_name = UID(sop).name if sop else ""
-            except Exception:  # noqa: BLE001
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            except Exception as exc:  # noqa: BLE001 - any parse failure means "unreadable"
+                if kind == "dicom" or path.suffix.lower() in DICOM_EXTENSIONS:
+                    scan.unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+                else:
+                    scan.other_files += 1
+                continue
+            try:   # values are converted when first read: a damaged VR fails here
+                meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+                               or "")
+                sop = str(ds.get("SOPClassUID", "") or meta_sop)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unknown VR in the element
+                scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
+                continue
+            if sop == DICOMDIR_SOP or meta_sop == DICOMDIR_SOP:
+                scan.dicomdir += 1
+                continue
+            if "Rows" not in ds or "Columns" not in ds:
                 sop_name = ""
-            if "Image Storage" in sop_name or (not sop and kind == "dicom"):
-                scan.unreadable.append((path, "header ends before the image attributes (truncated?)"))
-            elif sop:
-                scan.non_image += 1
-                log.debug("%s: non-image DICOM object (%s) skipped", path, sop_name or sop)
-            elif path.suffix.lower() in DICOM_EXTENSIONS:
-                scan.unreadable.append((path, "not a readable DICOM data set"))
-            else:
-                scan.other_files += 1
-            continue
-        try:
-            frames = _frames_of(ds, path)
-            short = _header_problems(ds, path, frames)
-        except Exception as exc:  # noqa: BLE001 - malformed values in a header
-            scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
-            continue
-        if short:
-            scan.unreadable.append((path, short))
-            continue
-        scan.frames.extend(frames)
+                try:
+                    from pydicom.uid import UID
+                    sop_name = UID(sop).name if sop else ""
+                except Exception:  # noqa: BLE001
+                    sop_name = ""
+                if "Image Storage" in sop_name or (not sop and kind == "dicom"):
+                    scan.unreadable.append(
+                        (path, "header ends before the image attributes (truncated?)"))
+                elif sop:
+                    scan.non_image += 1
+                    log.debug("%s: non-image DICOM object (%s) skipped", path, sop_name or sop)
+                elif path.suffix.lower() in DICOM_EXTENSIONS:
+                    scan.unreadable.append((path, "not a readable DICOM data set"))
+                else:
+                    scan.other_files += 1
+                continue
+            try:
+                frames = _frames_of(ds, path)
+                short = _header_problems(ds, path, frames)
+            except Exception as exc:  # noqa: BLE001 - malformed values in a header
+                scan.unreadable.append((path, f"malformed header: {type(exc).__name__}: {exc}"))
+                continue
+            if short:
+                scan.unreadable.append((path, short))
+                continue
+            scan.frames.extend(frames)
     return scan
 
 
@@ -405,7 +398,7 @@ def _header_problems(ds, path: Path, frames: list[_Frame]) -> str | None:
 
     Records on each frame what is wrong with its values (``_Frame.problems``: PixelSpacing,
     ImageOrientationPatient, ImagePositionPatient, SliceThickness, TriggerTime, Rows,
-    Columns, SamplesPerPixel, BitsAllocated). Returns a reason when the file is too short
+    Columns, SamplesPerPixel, BitsAllocated, RescaleSlope, RescaleIntercept). Returns a reason when the file is too short
     for the pixel data its header declares (a truncated file, or a NumberOfFrames that
     does not fit the file), None otherwise.
     """
@@ -439,6 +432,11 @@ def _header_problems(ds, path: Path, frames: list[_Frame]) -> str | None:
         f.problems = file_problems + geometry_problems(
             pixel_spacing=f.pixel_spacing, orientation=f.iop, position=f.ipp,
             thickness=f.thickness, trigger_time=f.trigger, names=names)
+        for name, v, limit in (("RescaleSlope", f.slope, MAX_RESCALE_SLOPE),
+                               ("RescaleIntercept", f.intercept, MAX_RESCALE_INTERCEPT)):
+            if not (np.isfinite(v) and abs(v) <= limit and (v != 0 or name == "RescaleIntercept")):
+                f.problems.append(f"{name} {v:g}: needs a finite value within +-{limit:g}"
+                                  + (", not 0" if name == "RescaleSlope" else ""))
     if file_problems or bits is None or bits == 1:
         return None
     ts = f0.transfer_syntax
@@ -469,31 +467,31 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
         by_path[f.path].append(f)
     kept, pixels, bad = [], [], []
     n_inverted = 0
-    for path, fs in by_path.items():
-        ts = UID(fs[0].transfer_syntax) if fs[0].transfer_syntax else None
-        if ts is not None and not ts.is_transfer_syntax:
-            raise UnsupportedTransferSyntaxError(
-                f"{path}: TransferSyntaxUID {str(ts)!r} is not a transfer syntax this loader "
-                "knows: its pixel data cannot be decoded",
-                hint="export the study uncompressed (Explicit VR Little Endian)")
-        if ts is not None and ts.is_compressed:
-            try:
-                from pydicom.pixels import get_decoder
-                dec = get_decoder(ts)
-                available = dec.is_available
-                missing = list(dec.missing_dependencies)
-            except NotImplementedError:
-                available, missing = False, []
-            if not available:
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")   # pydicom warns about each invalid UID or value it reads
+        for path, fs in by_path.items():
+            ts = UID(fs[0].transfer_syntax) if fs[0].transfer_syntax else None
+            if ts is not None and not ts.is_transfer_syntax:
                 raise UnsupportedTransferSyntaxError(
-                    f"{path}: pixel data compressed as '{ts.name}' ({ts}), and no installed "
-                    "decoder can read it",
-                    hint="install a decoder: pip install 'pydicom[pixeldata]'"
-                         + (f" (any of: {'; '.join(missing)})" if missing else "")
-                         + ", or export the study uncompressed")
-        try:
-            with _warnings.catch_warnings():
-                _warnings.simplefilter("ignore")
+                    f"{path}: TransferSyntaxUID {str(ts)!r} is not a transfer syntax this loader "
+                    "knows: its pixel data cannot be decoded",
+                    hint="export the study uncompressed (Explicit VR Little Endian)")
+            if ts is not None and ts.is_compressed:
+                try:
+                    from pydicom.pixels import get_decoder
+                    dec = get_decoder(ts)
+                    available = dec.is_available
+                    missing = list(dec.missing_dependencies)
+                except NotImplementedError:
+                    available, missing = False, []
+                if not available:
+                    raise UnsupportedTransferSyntaxError(
+                        f"{path}: pixel data compressed as '{ts.name}' ({ts}), and no installed "
+                        "decoder can read it",
+                        hint="install a decoder: pip install 'pydicom[pixeldata]'"
+                             + (f" (any of: {'; '.join(missing)})" if missing else "")
+                             + ", or export the study uncompressed")
+            try:
                 ds = pydicom.dcmread(path, force=True)
                 if "PixelData" not in ds and "FloatPixelData" not in ds:
                     raise ValueError("no pixel data")
@@ -503,18 +501,18 @@ def _decode(frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray], list[
                 if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
                     arr = _invert_monochrome1(arr, ds)
                     n_inverted += 1
-        except (UnsupportedTransferSyntaxError, InvalidStudyError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - truncated / corrupt pixel data
-            bad.append((path, f"{type(exc).__name__}: {exc}"))
-            continue
-        for f in fs:
-            a = arr if f.frame is None else (arr[f.frame] if arr.ndim == 3 else arr)
-            if a.shape != (f.rows, f.cols):
-                bad.append((path, f"pixel array {a.shape} != Rows x Columns {(f.rows, f.cols)}"))
+            except (UnsupportedTransferSyntaxError, InvalidStudyError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - truncated / corrupt pixel data
+                bad.append((path, f"{type(exc).__name__}: {exc}"))
                 continue
-            kept.append(f)
-            pixels.append(a.astype(np.float64) * f.slope + f.intercept)
+            for f in fs:
+                a = arr if f.frame is None else (arr[f.frame] if arr.ndim == 3 else arr)
+                if a.shape != (f.rows, f.cols):
+                    bad.append((path, f"pixel array {a.shape} != Rows x Columns {(f.rows, f.cols)}"))
+                    continue
+                kept.append(f)
+                pixels.append(a.astype(np.float64) * f.slope + f.intercept)
     return kept, pixels, bad, n_inverted
 
 
@@ -690,9 +688,10 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
     frames = kept
     note = ""
     if skipped:
+        names = [_rel(p, root) for p, _ in skipped]
+        names[0] += f" ({skipped[0][1]})"   # the first one says why
         note = (f" ({len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
-                f"{'were' if len(skipped) > 1 else 'was'} skipped: "
-                f"{fmt_list([_rel(p, root) for p, _ in skipped], limit=3)}; "
+                f"{'were' if len(skipped) > 1 else 'was'} skipped: {fmt_list(names, limit=3)}; "
                 "a missing image may be among them)")
     # orientation, in-plane grid (per image)
     clusters = _orientation_clusters(frames, max_angle_deg)
@@ -777,12 +776,17 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
     geometry = Geometry(origins=origins, row_dir=ref.row_dir, col_dir=ref.col_dir,
                         pixel_spacing=tuple(np.median([f.pixel_spacing for f in frames], axis=0)),
                         slice_thickness=float(np.median(thick)) if thick else None)
-    nominal = [f.spacing_between for f in frames if f.spacing_between]
-    if nominal and S >= 2:
-        nom = float(np.median(nominal))
-        if abs(geometry.slice_spacing - nom) > 0.1 * nom:
-            warnings.append(f"{ctx}SpacingBetweenSlices says {nom:g} mm but the slice positions are "
-                            f"{geometry.slice_spacing:.2f} mm apart (positions are used)")
+    # SpacingBetweenSlices is never used (the positions are): one that disagrees is reported
+    nominal = np.array([f.spacing_between for f in frames if f.spacing_between is not None])
+    if nominal.size and S >= 2:
+        gap = geometry.slice_spacing
+        with np.errstate(invalid="ignore"):
+            off = ~np.isfinite(nominal) | (np.abs(nominal - gap) > 0.1 * gap)
+        if off.any():
+            warnings.append(
+                f"{ctx}SpacingBetweenSlices {fmt_list([f'{v:g}' for v in np.unique(nominal[off])])} "
+                f"mm ({int(off.sum())} of {nominal.size} images) disagrees with the slice "
+                f"positions, {gap:.2f} mm apart: the positions are used")
     if S == 1:
         warnings.append(f"{ctx}a single slice: no through-plane information")
     first = frames[0]
@@ -797,6 +801,36 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
     for w in warnings:
         add_warning(study, w)
     return study
+
+
+def _repair_pixel_spacing(frames: list[_Frame], root: Path, uid: str) -> str | None:
+    """The one safe repair: exactly one file of a series has a PixelSpacing that is NaN,
+    infinite, 0 or negative (and nothing else wrong), while every other file (at least
+    two) has one and the same valid PixelSpacing. That one is copied into the broken
+    file's frames; returns the warning saying so. Anything else: None, nothing changed
+    (the broken values stay problems and are refused)."""
+    bad = [f for f in frames if f.problems]
+    if not bad or len({f.path for f in bad}) != 1:
+        return None
+    for f in bad:
+        ps = np.asarray(f.pixel_spacing if f.pixel_spacing is not None else [1.0], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            broken = ps.size == 2 and (not np.all(np.isfinite(ps)) or bool(np.any(ps <= 0)))
+        if not broken or f.problems != geometry_problems(pixel_spacing=f.pixel_spacing, names=_TAGS):
+            return None
+    others = [f for f in frames if not f.problems]
+    if len({f.path for f in others}) < 2 or any(f.pixel_spacing is None for f in others):
+        return None
+    ps = np.array([f.pixel_spacing for f in others], dtype=np.float64)   # [N, 2] mm
+    if np.any(np.abs(ps - ps[0]) > PIXEL_SPACING_RTOL * ps[0]):
+        return None
+    ref = (float(ps[0, 0]), float(ps[0, 1]))
+    old = bad[0].pixel_spacing
+    for f in bad:
+        f.pixel_spacing, f.problems = ref, []
+    return (f"series {uid}: {_rel(bad[0].path, root)}: PixelSpacing "
+            f"[{old[0]:g}, {old[1]:g}] repaired to [{ref[0]:g}, {ref[1]:g}] mm, the value "
+            f"all {len({f.path for f in others})} other files of the series agree on")
 
 
 def _raise_problems(bad: list[_Frame], root: Path, where: str) -> None:
@@ -866,16 +900,26 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
     by_series: dict[str, list[_Frame]] = defaultdict(list)
     for f in scan.frames:
         by_series[f.series_uid].append(f)
+    repaired = {uid: w for uid, fs in by_series.items()
+                if (w := _repair_pixel_spacing(fs, root, uid)) is not None}
     summaries = {uid: _summarise(uid, fs, max_angle_deg) for uid, fs in by_series.items()}
     info: dict = {"n_files": scan.n_files}
 
     # frames that cannot be placed in space (secondary captures, screenshots)
+    ignored: list[tuple[Path, str]] = []   # files of the used series left out, and why
+
     def placeable(fs: list[_Frame], uid: str) -> list[_Frame]:
         _raise_problems([f for f in fs if f.problems], root, f"series {uid}: ")
+        if uid in repaired:
+            warnings.append(repaired[uid])
         out = [f for f in fs if f.has_geometry and f.samples == 1]
-        if len(out) < len(fs):
-            warnings.append(f"series {uid}: {len(fs) - len(out)} image(s) without position/"
-                            "orientation/pixel spacing or with colour pixels ignored")
+        left = {f.path: (f"SamplesPerPixel {f.samples}: colour pixels" if f.samples != 1 else
+                         "no usable ImagePositionPatient/ImageOrientationPatient/PixelSpacing")
+                for f in fs if not (f.has_geometry and f.samples == 1)}
+        if left:
+            ignored.extend(left.items())
+            warnings.append(f"series {uid}: ignored {len(left)} file(s) that cannot be placed in "
+                            f"the stack: {fmt_list([f'{_rel(p, root)} ({why})' for p, why in left.items()], limit=3)}")
         return out
 
     if series is not None:
@@ -905,7 +949,7 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
                             + (" ..." if len(others) > 5 else ""))
         if len(wanted) > 1:
             info["merged_series"] = wanted
-        study = _build(frames, root=root, uids=wanted, skipped=scan.unreadable,
+        study = _build(frames, root=root, uids=wanted, skipped=scan.unreadable + scan.special + ignored,
                        max_angle_deg=max_angle_deg, warnings=warnings, info=info)
         return validate_study(study) if validate else study
 
@@ -964,6 +1008,6 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
     frames = []
     for u in uids:
         frames.extend(placeable(summaries[u].frames, u))
-    study = _build(frames, root=root, uids=uids, skipped=scan.unreadable,
+    study = _build(frames, root=root, uids=uids, skipped=scan.unreadable + scan.special + ignored,
                    max_angle_deg=max_angle_deg, warnings=warnings, info=info)
     return validate_study(study) if validate else study

@@ -12,12 +12,13 @@ import logging
 import os
 from pathlib import Path
 
-from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
+from deeprecon.runtime.errors import NoInputError, UsageError
 from deeprecon.runtime.io.acdc import FRAME_RE, INFO_FILE, is_acdc_folder, load_acdc
-from deeprecon.runtime.io.dicom import _sniff, load_dicom, special_file
+from deeprecon.runtime.io.dicom import _sniff, load_dicom
 from deeprecon.runtime.io.nifti import (LABEL_SUFFIXES, NIFTI_SUFFIXES, is_label_name, is_nifti,
                                         load_nifti, nifti_stem)
-from deeprecon.runtime.io.validate import AmbiguousInputError, add_warning
+from deeprecon.runtime.io.validate import (AmbiguousInputError, add_warning, check_regular_file,
+                                           special_file)
 from deeprecon.runtime.study import Study
 
 log = logging.getLogger(__name__)
@@ -50,18 +51,18 @@ def _image_for_label(path: Path) -> Path | None:
     return None
 
 
-def _load_nifti_file(path: Path) -> Study:
+def _load_nifti_file(path: Path, root: Path | None = None) -> Study:
     image = _image_for_label(path) if is_label_name(path) else None
     if image is not None:
         raise UsageError(f"{path} is a label file (its name ends with one of {', '.join(LABEL_SUFFIXES)})",
                          hint=f"pass the image instead: {image}")
     m = FRAME_RE.match(path.name)
     if m and (path.parent / INFO_FILE).is_file():
-        study = load_nifti(path, label_convention="acdc")
+        study = load_nifti(path, label_convention="acdc", root=root)
         add_warning(study, f"{path.name}: one ACDC frame, labels read in ACDC's convention and "
                            "remapped; pass the patient folder to get ED and ES")
         return study
-    return load_nifti(path)
+    return load_nifti(path, root=root)
 
 
 def load_study(path: str | Path, *, series: str | None = None) -> Study:
@@ -81,10 +82,7 @@ def load_study(path: str | Path, *, series: str | None = None) -> Study:
         raise NoInputError(f"{p}: no such file or folder",
                            hint="give a DICOM folder, a NIfTI file or an ACDC patient folder")
     if not p.is_dir():
-        why = special_file(p, p)
-        if why:
-            raise InvalidStudyError(f"{p}: not a regular file ({why}); nothing was read",
-                                    hint="give a DICOM folder, a NIfTI file or an ACDC patient folder")
+        check_regular_file(p, p)   # a FIFO or a device is refused unopened
     if p.is_file() and is_nifti(p):
         if series is not None:
             raise UsageError(f"--series applies to DICOM input; {p} is a NIfTI file")
@@ -95,14 +93,15 @@ def load_study(path: str | Path, *, series: str | None = None) -> Study:
         if series is not None:
             raise UsageError(f"--series applies to DICOM input; {p} is an ACDC patient folder")
         return load_acdc(p)
-    niftis = sorted(q for q in p.iterdir() if q.is_file() and is_nifti(q))
+    # every NIfTI-named entry but folders: a FIFO or a link out is refused when read
+    niftis = sorted(q for q in p.iterdir() if is_nifti(q) and not q.is_dir())
     images = [q for q in niftis if not is_label_name(q)]
     if images and not _has_dicom(p):
         if series is not None:
             raise UsageError(f"--series applies to DICOM input; {p} holds NIfTI files")
         if len(images) == 1:
             log.debug("%s: one image NIfTI, no DICOM: loading %s", p, images[0].name)
-            return _load_nifti_file(images[0])
+            return _load_nifti_file(images[0], root=p)
         raise AmbiguousInputError(
             f"{p}: {len(images)} image NIfTI files and no DICOM "
             f"({', '.join(q.name for q in images[:6])}{', ...' if len(images) > 6 else ''}): "

@@ -14,7 +14,10 @@ of the slice origin on ``row_dir x col_dir``, patient LPS coordinates).
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -132,6 +135,46 @@ def lower_median(values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- checks
+def special_file(path: Path, root: Path) -> str | None:
+    """Why ``path`` must not be opened, or None for a regular file inside ``root``.
+
+    Decided from ``os.lstat``/``os.stat`` alone (a FIFO is never opened): FIFOs, devices
+    and sockets are refused, and so are symlinks that resolve outside ``root`` (or
+    nowhere). ``root`` may be the file itself (a file named on the command line may be a
+    link to anywhere; the files found beside it may not).
+    """
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = Path(os.path.realpath(path))
+            base = Path(os.path.realpath(root))
+            base = base if base.is_dir() else base.parent
+            if target != base and base not in target.parents:
+                return f"symlink to {target}, outside the input folder"
+            st = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+            else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file")
+    return kind
+
+
+def check_regular_file(path: Path, root: Path) -> None:
+    """Raises NoInputError (66) when ``path`` does not exist and InvalidStudyError (65)
+    when it is not a regular file inside ``root`` (:func:`special_file`); nothing is
+    opened either way."""
+    if not os.path.lexists(path):
+        raise NoInputError(f"{path}: no such file", hint="check the path")
+    why = special_file(path, root)
+    if why:
+        raise InvalidStudyError(
+            f"{path}: not a regular file inside the input ({why}); nothing was read",
+            hint="copy the real file into the folder instead of a link, pipe or device")
+
+
 def geometry_problems(*, pixel_spacing=None, orientation=None, position=None, thickness=None,
                       trigger_time=None, names: dict[str, str] | None = None,
                       unit_tol: float = DIRECTION_TOL) -> list[str]:
