@@ -110,10 +110,13 @@ def study_info(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use when the folder holds several short-axis series."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
-    """Print what was found: series, phases, slices, matrix, spacing, gap, orientation, warnings."""
-    from deeprecon.runtime.io import load_study
+    """Print what was found: series, phases, slices, matrix, spacing, gap, orientation, warnings.
 
-    study = load_study(path, series=series)
+    A study that is not a cine short-axis stack (a long-axis view, a single slice, a
+    perfusion/dynamic series) is refused with exit 65, as reconstruct would refuse it."""
+    from deeprecon.runtime.io import check_acquisition, load_study
+
+    study = check_acquisition(load_study(path, series=series))
     desc = study.describe()
     if as_json:
         typer.echo(json.dumps(desc, indent=2))
@@ -260,7 +263,7 @@ def reconstruct(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
-    interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / pixel spacing)."),
+    interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / the model's pixel spacing, at least 2 when the gap is larger than that spacing; the log says the choice)."),
     phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices (default: ED and ES when known, else all)."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID when the DICOM folder holds several short-axis series."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
@@ -268,15 +271,16 @@ def reconstruct(
     as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
 ):
     """Segment a study, reconstruct its high-resolution volume and compute the clinical measures."""
-    from deeprecon.runtime.io import load_study
+    from deeprecon.runtime.io import check_acquisition, load_study
     from deeprecon.runtime.outputs import check_output_dir, write_outputs
 
     if fast and steps is not None:
         raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
     check_output_dir(out)
-    # the study first: a bad study fails in a second, before the bundle is opened
+    # the study first: a bad study (or not a cine SAX stack) fails in a second, before
+    # the bundle is opened
     t0 = time.perf_counter()
-    loaded = load_study(study, series=series)
+    loaded = check_acquisition(load_study(study, series=series))
     t_load = time.perf_counter() - t0
     with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
         result = rec.reconstruct(loaded, steps=0 if fast else steps, interp=interp,
@@ -304,14 +308,15 @@ def adapt_motion_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
 ):
     """Move the SOURCE heart with the TARGET heart's motion (latent-space motion transfer)."""
-    from deeprecon.runtime.io import load_study
+    from deeprecon.runtime.io import check_acquisition, load_study
     from deeprecon.runtime.motion import adapt_motion
     from deeprecon.runtime.outputs import check_output_dir, write_outputs
 
     if fast and steps is not None:
         raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
     check_output_dir(out)
-    source, target = load_study(source), load_study(target)
+    source = check_acquisition(load_study(source))
+    target = check_acquisition(load_study(target))
     with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
         result = adapt_motion(rec, source, target, steps=0 if fast else steps, interp=interp,
                               source_phases=source_phases, target_phases=target_phases,
@@ -358,15 +363,24 @@ def bundle_info(
 def eval_seg(
     pred: Path = typer.Argument(..., help="Predicted label NIfTI (project labels 1 LVC, 2 LVM, 3 RVC)."),
     ref: Path = typer.Argument(..., help="Reference label NIfTI on the same grid."),
-    ref_convention: str = typer.Option("project", "--ref-convention", help="Labels of REF: 'project' or 'acdc' (1 RV, 2 MYO, 3 LV)."),
+    ref_convention: str = typer.Option("auto", "--ref-convention", help="Labels of REF: 'auto' (ACDC's patientNNN_frameNN_gt files: 'acdc', else 'project'), 'project' (1 LVC, 2 LVM, 3 RVC) or 'acdc' (1 RV, 2 MYO, 3 LV)."),
+    pred_convention: str = typer.Option("auto", "--pred-convention", help="Labels of PRED: 'auto', 'project' or 'acdc', as --ref-convention."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
-    """Dice, HD95 and ASSD (mm) per structure between two label volumes."""
+    """Dice, HD95 and ASSD (mm) per structure between two label volumes. Says which label
+    convention it read each file in (on stderr; in the JSON as *_convention)."""
     from deeprecon.runtime.metrics import compare_label_files
 
-    if ref_convention not in ("project", "acdc"):
-        raise UsageError(f"--ref-convention must be 'project' or 'acdc', got {ref_convention!r}")
-    result = compare_label_files(pred, ref, ref_convention=ref_convention)
+    for opt, value in (("--ref-convention", ref_convention), ("--pred-convention", pred_convention)):
+        if value not in ("auto", "project", "acdc"):
+            raise UsageError(f"{opt} must be 'auto', 'project' or 'acdc', got {value!r}")
+    result = compare_label_files(pred, ref, ref_convention=ref_convention,
+                                 pred_convention=pred_convention)
+    for what, key in (("reference", "ref"), ("prediction", "pred")):
+        conv = result[f"{key}_convention"]
+        names = "1 RV, 2 MYO, 3 LV" if conv == "acdc" else "1 LVC, 2 LVM, 3 RVC"
+        typer.echo(f"{what} {result[key]}: {conv} label convention ({names}; "
+                   f"{result[f'{key}_convention_from']})", err=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

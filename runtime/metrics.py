@@ -277,23 +277,42 @@ def check_same_grid(a, b, *, names: tuple[str, str] = ("pred", "ref"), atol: flo
                 hint="both label volumes must be on the same physical grid")
 
 
+def resolve_label_convention(path: str | Path, convention: str, what: str) -> tuple[str, str]:
+    """(convention, why): ``convention`` itself when given ("project" or "acdc"), or for
+    "auto" the one read from the file name as the loader does (ACDC's
+    ``patientNNN_frameNN_gt`` files: "acdc"; any other name: "project")."""
+    from deeprecon.runtime.io.acdc import label_convention_of
+
+    if convention != "auto":
+        return convention, "given"
+    conv, why = label_convention_of(path)
+    log.debug("%s labels: %s convention (%s)", what, conv, why)
+    return conv, why
+
+
 def compare_label_files(pred_path: str | Path, ref_path: str | Path, *,
-                        ref_convention: str = "project", pred_convention: str = "project"
+                        ref_convention: str = "auto", pred_convention: str = "auto"
                         ) -> dict[str, Any]:
     """Compare two label images (NIfTI 3D [x, y, z] or 4D [x, y, z, t]) on the same grid.
 
-    ref_convention / pred_convention: "project" (1 LVC, 2 LVM, 3 RVC) or "acdc"
-    (1 RV, 2 MYO, 3 LV, remapped).
-    Returns a JSON-safe dict: {"pred", "ref", "ref_convention", "shape" (array order
+    ref_convention / pred_convention: "project" (1 LVC, 2 LVM, 3 RVC), "acdc"
+    (1 RV, 2 MYO, 3 LV, remapped) or "auto" (the default: "acdc" for ACDC's
+    ``patientNNN_frameNN_gt`` files, else "project"; see :func:`resolve_label_convention`).
+    Returns a JSON-safe dict: {"pred", "ref", "ref_convention", "pred_convention",
+    "ref_convention_from", "pred_convention_from" (why: "given" or what the name says),
+    "shape" (array order
     [T,] Z, Y, X), "spacing_mm" (z, y, x), "phases" (None for 3D), "definitions",
     "structures": {name: metrics with NaN/inf as None}}.
     Raises NoInputError (missing file), InvalidStudyError (unreadable, not a label map,
     different grids), UsageError (unknown convention).
     """
     for conv in (ref_convention, pred_convention):
-        if conv not in LABEL_CONVENTIONS:
-            raise UsageError(f"label convention must be one of {LABEL_CONVENTIONS}, got {conv!r}")
+        if conv not in LABEL_CONVENTIONS + ("auto",):
+            raise UsageError(f"label convention must be one of {LABEL_CONVENTIONS + ('auto',)}, "
+                             f"got {conv!r}")
     pred_path, ref_path = Path(pred_path), Path(ref_path)
+    ref_convention, ref_from = resolve_label_convention(ref_path, ref_convention, "reference")
+    pred_convention, pred_from = resolve_label_convention(pred_path, pred_convention, "prediction")
     pimg = _read_label_image(pred_path, "prediction")
     rimg = _read_label_image(ref_path, "reference")
     dim = pimg.GetDimension()
@@ -313,6 +332,7 @@ def compare_label_files(pred_path: str | Path, ref_path: str | Path, *,
     return json_safe({
         "pred": str(pred_path), "ref": str(ref_path),
         "ref_convention": ref_convention, "pred_convention": pred_convention,
+        "ref_convention_from": ref_from, "pred_convention_from": pred_from,
         "shape": list(pred.shape), "spacing_mm": [float(s) for s in spacing],
         "phases": int(pred.shape[0]) if pred.ndim == 4 else None,
         "definitions": {

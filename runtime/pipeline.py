@@ -101,11 +101,29 @@ def parse_phases(phases: str | Sequence[int] | None, study: Study) -> tuple[int,
 
 def default_interp(study: Study, spacing_mm: float) -> int:
     """Interpolation factor that brings the slice spacing closest to the in-plane model
-    spacing (e.g. 10 mm slices, 1.5 mm pixels -> 7)."""
+    spacing (e.g. 10 mm slices, 1.5 mm pixels -> 7), and at least 2 whenever the gap is
+    larger than the pixel spacing (e.g. 5 mm slices, 4 mm pixels -> 2, not 1: a factor
+    of 1 would give no high-resolution slice at all). 1 only when the gap is no larger
+    than the pixel spacing (or unknown). See :func:`default_interp_reason`."""
+    return default_interp_reason(study, spacing_mm)[0]
+
+
+def default_interp_reason(study: Study, spacing_mm: float) -> tuple[int, str]:
+    """:func:`default_interp` and the reason for it, for the log."""
     gap = study.geometry.slice_spacing
     if not math.isfinite(gap) or gap <= 0:
-        return 1
-    return int(min(MAX_INTERP, max(1, round(gap / spacing_mm))))
+        return 1, "no slice gap: no high-resolution slices"
+    ratio = gap / spacing_mm
+    if ratio <= 1.0 + 1e-6:
+        return 1, (f"slice gap {gap:.2f} mm <= model pixel spacing {spacing_mm:g} mm: "
+                   "no high-resolution slices needed")
+    n = int(min(MAX_INTERP, max(2, round(ratio))))
+    why = f"slice gap {gap:.2f} mm / model pixel spacing {spacing_mm:g} mm = {ratio:.2f}"
+    if round(ratio) < 2:
+        why += ", raised to 2: the gap allows a high-resolution slice"
+    elif round(ratio) > MAX_INTERP:
+        why += f", capped at {MAX_INTERP}"
+    return n, why + f" -> {gap / n:.2f} mm high-resolution slices"
 
 
 def interpolate_codes(w: np.ndarray, interp: int) -> np.ndarray:
@@ -270,13 +288,20 @@ class Reconstructor:
                 study = load_study(study, series=series)
             elif series is not None:
                 raise UsageError("series applies to a path, not to a loaded Study")
+            # a long-axis view, a single slice or a perfusion series: refused before any
+            # network runs (see deeprecon.runtime.io.acquisition)
+            from .io.acquisition import check_acquisition
+            check_acquisition(study)
         sel = parse_phases(phases, study)
         settings = self.settings(steps=steps, **inversion)
         if interp is None:
-            interp = default_interp(study, self.bundle.preprocess.spacing_mm)
+            interp, why = default_interp_reason(study, self.bundle.preprocess.spacing_mm)
+        else:
+            why = "given"
         if isinstance(interp, bool) or int(interp) != interp or not 1 <= interp <= MAX_INTERP:
             raise UsageError(f"interp must be an integer in 1..{MAX_INTERP}, got {interp!r}")
         interp = int(interp)
+        log.info("high-resolution factor %d (%s)", interp, why)
         sub = _subset_phases(study, sel)
 
         with stages("preprocess"):
@@ -425,5 +450,6 @@ def _subset_phases(study: Study, phases: tuple[int, ...]) -> Study:
                  info=dict(study.info), warnings=list(study.warnings))
 
 
-__all__ = ["Reconstructor", "parse_phases", "default_interp", "interpolate_codes",
+__all__ = ["Reconstructor", "parse_phases", "default_interp", "default_interp_reason",
+           "interpolate_codes",
            "hr_geometry", "hr_slice_weights", "heart_roi"]

@@ -7,11 +7,14 @@ Public API::
     load_acdc(folder) -> Study
     load_dicom(folder, *, series=None) -> Study
     validate_study(study) -> Study
+    check_acquisition(study) -> Study              # cine short-axis stack? (see .acquisition)
 
 Errors are :class:`~deeprecon.runtime.errors.DeepreconError` subclasses with an exit
 code; the specific ones (``MixedSeriesError``, ``MissingSliceError``, ...) live in
 :mod:`deeprecon.runtime.io.validate` and are re-exported here.
 """
+from deeprecon.runtime.io.acquisition import (DynamicSeriesError, LongAxisError,
+                                              SingleSliceError, check_acquisition)
 from deeprecon.runtime.io.acdc import is_acdc_folder, load_acdc, parse_info_cfg
 from deeprecon.runtime.io.dicom import load_dicom
 from deeprecon.runtime.io.load import load_study
@@ -23,7 +26,8 @@ from deeprecon.runtime.io.validate import (
     UnreadableFilesError, UnsupportedTransferSyntaxError, validate_study)
 
 __all__ = [
-    "load_study", "load_nifti", "load_acdc", "load_dicom", "validate_study",
+    "load_study", "load_nifti", "load_acdc", "load_dicom", "validate_study", "check_acquisition",
+    "DynamicSeriesError", "LongAxisError", "SingleSliceError",
     "is_acdc_folder", "parse_info_cfg", "find_label_file",
     "AmbiguousInputError", "DuplicatePositionError", "GeometryMismatchError",
     "InvalidGeometryError", "LabelError",

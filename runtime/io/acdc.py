@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 CINE_RE = re.compile(r"^(patient\d+)_4d\.nii(\.gz)?$", re.IGNORECASE)
 INFO_FILE = "Info.cfg"
+#: ACDC's label files: patientNNN_frameNN_gt.nii[.gz], in ACDC's 1 RV, 2 MYO, 3 LV
+LABEL_FILE_RE = re.compile(r"^(patient\d+)_frame(\d+)_gt\.nii(\.gz)?$", re.IGNORECASE)
 MAX_INFO_BYTES = 64 << 10
 
 
@@ -39,6 +41,16 @@ def is_acdc_folder(folder: str | Path) -> bool:
     if not os.path.lexists(info) or info.is_dir():   # a FIFO Info.cfg is refused on load
         return False
     return any(FRAME_RE.match(p.name) or CINE_RE.match(p.name) for p in folder.iterdir())
+
+
+def label_convention_of(path: str | Path) -> tuple[str, str]:
+    """The label convention of a label file, judged from its name as the loader does:
+    ``("acdc", why)`` for ACDC's ``patientNNN_frameNN_gt.nii[.gz]`` (1 RV, 2 MYO, 3 LV),
+    else ``("project", why)`` (1 LVC, 2 LVM, 3 RVC: what deeprecon-rt writes)."""
+    name = Path(path).name
+    if LABEL_FILE_RE.match(name):
+        return "acdc", f"ACDC file name {name} (patientNNN_frameNN_gt)"
+    return "project", f"{name} is not an ACDC patientNNN_frameNN_gt file"
 
 
 def parse_info_cfg(path: str | Path, *, root: str | Path | None = None) -> dict[str, str]:

@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError
+from deeprecon.runtime.io.acquisition import (DYNAMIC_MIN_FRAMES, DynamicSeriesError,
+                                              dynamic_by_trigger_times, dynamic_name,
+                                              dynamic_trigger_message)
 from deeprecon.runtime.io.validate import (
     MAX_ORIENTATION_ANGLE_DEG, PIXEL_SPACING_RTOL, POSITION_TOL_MM, DuplicatePositionError,
     GeometryMismatchError,
@@ -669,10 +672,45 @@ def _merge_groups(singles: list[_SeriesSummary], max_angle_deg: float,
 
 
 # --------------------------------------------------------------------------- building
+_DYNAMIC_HINT = ("deeprecon-rt analyses cine short-axis stacks (frames over one cardiac cycle); "
+                 "pick the cine series with --series or export it instead")
+
+
+def _dynamic_reason(frames: list[_Frame], *, by_trigger: bool = True) -> str | None:
+    """Why ``frames`` (one series) are a perfusion/dynamic series, or None (see
+    :mod:`.acquisition`): a SeriesDescription or ImageType value saying perfusion, or
+    (``by_trigger``) many frames at one slice position sharing one trigger time."""
+    for f in frames:
+        for what, text in (("SeriesDescription", f.description),
+                           *(("ImageType", v) for v in f.image_type)):
+            said = dynamic_name(text)
+            if said is not None:
+                return (f"a perfusion/dynamic series, not a cine: its {what} {text!r} says "
+                        f"{said!r} ({len(frames)} images)")
+    geo = [f for f in frames if f.has_geometry]
+    if by_trigger and geo:
+        for z, fs in _position_groups(geo, geo[0].normal):
+            tt = [f.trigger for f in fs if f.trigger is not None]
+            if len(fs) >= DYNAMIC_MIN_FRAMES and len(tt) == len(fs):
+                dyn = dynamic_by_trigger_times(tt)
+                if dyn is not None:
+                    return dynamic_trigger_message(*dyn, where=f" at {fmt_pos(z)}")
+    return None
+
+
+def _refuse_dynamic_by_name(frames: list[_Frame], ctx: str) -> None:
+    """DynamicSeriesError when the SeriesDescription or an ImageType value of the frames
+    says perfusion."""
+    why = _dynamic_reason(frames, by_trigger=False)
+    if why is not None:
+        raise DynamicSeriesError(f"{ctx}{why}", hint=_DYNAMIC_HINT)
+
+
 def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[tuple[Path, str]],
            max_angle_deg: float, warnings: list[str], info: dict) -> Study:
     """Frames of one stack -> Study (checks orientation, in-plane grid, positions, phases)."""
     ctx = f"{root}: series {', '.join(uids)}: " if len(uids) <= 3 else f"{root}: {len(uids)} merged series: "
+    _refuse_dynamic_by_name(frames, ctx)   # before any pixel is decoded
     kept, pixels, bad, n_inverted = _decode(frames)
     if n_inverted:
         warnings.append(f"{ctx}{n_inverted} MONOCHROME1 image file{'s' if n_inverted > 1 else ''} "
@@ -733,6 +771,14 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
         fs.sort(key=lambda f: (f.trigger is None, f.trigger if f.trigger is not None else 0.0,
                                f.instance if f.instance is not None else 0, str(f.path),
                                f.frame or 0))
+        # a perfusion series: many frames at one position, one trigger time (not duplicates)
+        tt = [f.trigger for f in fs if f.trigger is not None]
+        if len(fs) >= DYNAMIC_MIN_FRAMES and len(tt) == len(fs):
+            dyn = dynamic_by_trigger_times(tt)
+            if dyn is not None:
+                raise DynamicSeriesError(
+                    f"{ctx}{dynamic_trigger_message(*dyn, where=f' at {fmt_pos(z)}')}",
+                    hint=_DYNAMIC_HINT)
         for a, b in zip(fs, fs[1:]):
             same_t = (a.trigger is not None and b.trigger is not None
                       and abs(a.trigger - b.trigger) <= _TRIGGER_TOL_MS)
@@ -964,6 +1010,12 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
     cine = [s for s in candidates if s.n_phases >= 2]
     if cine:
         candidates = cine
+    # a perfusion series beside the cine is not a candidate (alone, it is refused by name)
+    not_dynamic = [s for s in candidates
+                   if dynamic_name(s.description) is None
+                   and not any(dynamic_name(v) for v in s.frames[0].image_type)]
+    if not_dynamic:
+        candidates = not_dynamic
     if len(candidates) > 1:
         candidates.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
         raise MixedSeriesError(
@@ -989,6 +1041,14 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
         if not groups:
             # no stack because its files' values are broken: say which, not "no stack"
             _raise_problems([f for s in mr.values() for f in s.frames if f.problems], root, "")
+            # the only series are perfusion/dynamic ones: say so, not "no stack"
+            real = [s for s in mr.values() if not s.localizer]
+            dyn = [(s, why) for s in real if (why := _dynamic_reason(s.frames)) is not None]
+            if real and len(dyn) == len(real):
+                s, why = dyn[0]
+                raise DynamicSeriesError(
+                    f"{root}: series {s.uid}" + (f" ({s.description!r})" if s.description else "")
+                    + f": {why}", hint=_DYNAMIC_HINT)
             raise NoStackError(
                 f"{root}: no short-axis stack: the MR series are single slices or localisers:\n  "
                 + "\n  ".join(s.line() for s in mr.values()),
