@@ -438,23 +438,34 @@ BLOCK_C = (
     "sys.meta_path.insert(0, Block())\n")
 
 
-def test_missing_kernel_is_exit_69_through_the_cli(tiny_bundle, tmp_path):
-    """`reconstruct` on an installation without the compiled op: the runtime maps cpp_ext's
-    KernelUnavailableError to exit 69 with its message (and hint), no traceback, no output."""
+# the torch-free library made unfindable: what an install without a C++ compiler has
+BLOCK_CORE = ("import deeprecon.cpp_ext.numpy_ops as _np_ops\n"
+              "_np_ops.library_path = lambda: None\n")
+
+
+@pytest.mark.parametrize("backend,block,message", [
+    ("torch", BLOCK_C, "the compiled kernels of deeprecon.cpp_ext (module _C) were not built"),
+    ("onnxruntime", BLOCK_CORE,
+     "the torch-free kernel library of deeprecon.cpp_ext (_ncc_core) was not built"),
+])
+def test_missing_kernel_is_exit_69_through_the_cli(tiny_bundle, tmp_path, backend, block, message):
+    """`reconstruct` on an installation without the compiled op its backend needs: the
+    runtime maps cpp_ext's KernelUnavailableError to exit 69 with its message (and hint),
+    no traceback, no output."""
     study, out = tmp_path / "study", tmp_path / "out"
-    code = BLOCK_C + (
+    code = block + (
         "from deeprecon.runtime.phantom import make_phantom, write_phantom\n"
         "from deeprecon.runtime.cli import run\n"
         "write_phantom(make_phantom(slices=3, phases=2, seed=0, matrix=(48, 48), "
         f"pixel_spacing_mm=3.0), {str(study)!r}, preview=False)\n"
         f"print(run(['reconstruct', {str(study)!r}, '-o', {str(out)!r}, '--bundle', "
-        f"{str(tiny_bundle)!r}, '--fast']))\n")
+        f"{str(tiny_bundle)!r}, '--fast', '--backend', {backend!r}]))\n")
     p = _python(code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == str(int(ExitCode.UNAVAILABLE)), p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("deeprecon-rt: error:")]
     assert len(errors) == 1, p.stderr
-    assert "the compiled kernels of deeprecon.cpp_ext (module _C) were not built" in errors[0]
+    assert message in errors[0]
     assert "hint:" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
 
