@@ -27,10 +27,10 @@ runner's ``loss_and_grad`` graph (:func:`invert`, numpy arrays on the host), or 
 runner's own on-device version of the same graph, through an :class:`ArrayOps` for its
 arrays (the torch runner's fast path). Both are the same loop.
 
-TODO (bundle schema v2): the loss-and-gradient graph takes the LPIPS features of x as an
-input, computed once per inversion by an LPIPS features graph. Schema-1 bundles hold
-LPIPS as one (x, y) -> distance program, which cannot be split, so x's features are
-recomputed at every step.
+The onnxruntime runner computes the LPIPS features of x once per inversion (the
+bundle's ``lpips_features`` graph) and runs ``hybrid_grad`` on them; the torch runner
+still differentiates through the bundle's (x, y) -> distance program, so it recomputes
+x's features at every step.
 
 This module imports no torch at import time (the runtime core runs without it).
 """

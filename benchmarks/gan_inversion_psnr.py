@@ -1,0 +1,78 @@
+"""How well a gan run's G_ema and E reproduce validation slices: PSNR inside the heart
+ROI of G(E(x)) and of G(w*) after K steps of the latents stage's inversion (the hybrid
+loss of runtime/inversion.py), on evenly spaced slices of the ACDC validation split.
+A quick check of a generator in training (between the training log's ``rec_psnr``, on
+training batches, and a full evaluation, which needs the whole chain).
+
+    python benchmarks/gan_inversion_psnr.py training/cpu64/gan/compact.safetensors --slices 64
+
+Takes a compact gan state (``compact.safetensors``) or a gan run's ``model.safetensors``.
+PSNR: images in [-1, 1] (peak-to-peak 2), mean squared error over the ROI pixels, mean
+over slices. Writes ``benchmarks/results/gan_inversion_psnr.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from deeprecon.trainer.checkpoint import load_compact, load_model
+from deeprecon.trainer.config import get_preset
+from deeprecon.trainer.data import build_slices
+from deeprecon.trainer.lpips import load_lpips
+from deeprecon.trainer.networks import Encoder, Generator
+from deeprecon.trainer.stages import latents
+from provenance import cpu_model, git_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("state", type=Path, help="compact.safetensors or a gan run's model.safetensors")
+    ap.add_argument("--preset", default="cpu64")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "acdc")
+    ap.add_argument("--slices", type=int, default=64)
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan_inversion_psnr.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    m = get_preset(args.preset)
+    G, E = Generator(m.generator), Encoder(m.encoder)
+    if args.state.name == "compact.safetensors":
+        step, _, _ = load_compact(args.state, stage="gan", modules={"G_ema": G, "E": E})
+    else:
+        load_model(args.state, {"G": G, "E": E})
+        step = None
+    G.eval().requires_grad_(False)
+    E.eval().requires_grad_(False)
+    s = build_slices(args.data, m.preprocess, split="val", require_labels=True)
+    idx = torch.linspace(0, len(s.images) - 1, args.slices).round().long()
+    x, roi = s.images[idx].contiguous(), s.roi[idx].contiguous()
+    lp = load_lpips(layers=m.lpips_layers)
+
+    def psnr(y: torch.Tensor) -> float:
+        mse = ((y - x) ** 2 * roi).sum(dim=(1, 2, 3)) / roi.sum(dim=(1, 2, 3))
+        return float((10 * torch.log10(4.0 / mse)).mean())
+
+    with torch.no_grad():
+        out = {"step": step, "slices": len(idx), "psnr_G_E_x": psnr(G(E(x)))}
+    for k in args.steps:
+        t0 = time.perf_counter()
+        _, _, y = latents.invert(G, E, lp, x, roi, latents.Config(steps=k, batch=32))
+        out[f"psnr_K{k}"] = psnr(y)
+        out[f"seconds_K{k}"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+    result = {"benchmark": "gan_inversion_psnr", "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "git": git_info(), "device": {"cpu": cpu_model(), "threads": args.threads},
+              "state": str(args.state), "preset": args.preset, "result": out}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
