@@ -223,7 +223,7 @@ def _hybrid_reference(G, E, lp, inputs: tuple) -> tuple[torch.Tensor, torch.Tens
         rest = lam[0] * lp.distance_to(list(fx), y) + lam[1] * (wa - E(y)).square().mean(dim=(1, 2))
         return rest + (y * g_ext).sum(dim=(1, 2, 3)), rest
 
-    (total, rest), vjp = torch.func.vjp(loss, w, has_aux=False)
+    (total, rest), vjp = torch.func.vjp(loss, w)
     (grad,) = vjp((torch.ones_like(total), torch.zeros_like(rest)))
     return rest.detach(), grad.detach()
 

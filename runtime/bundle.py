@@ -268,9 +268,10 @@ def gradient_graph_specs(*, resolution: int, num_ws: int, w_dim: int
                        -> loss float32 [batch], grad float32 [batch, L, C] (dloss/dw)
 
     with the loss weights (lambda1, lambda2, lambda3, ncc_window) as attributes
-    (:mod:`deeprecon.runtime.inversion`). Schema-1 manifests do not hold it: runners
-    compose it from the forward graphs (the torch runner by autograd through the
-    generator, the encoder and LPIPS).
+    (:mod:`deeprecon.runtime.inversion`). A bundle does not hold it as one graph: each
+    runner composes it (the onnxruntime runner from the generator, the fused kernel and
+    the bundle's ``hybrid_grad`` graph; the torch runner by autograd through the
+    generator, the encoder and LPIPS programs).
     """
     image = [BATCH, 1, resolution, resolution]
     w = [BATCH, num_ws, w_dim]

@@ -6,9 +6,8 @@ name: array}`` (as Polygraphy's runners: the base class checks the feeds against
 graph's specs and the outputs against its output names; a subclass writes only
 :meth:`Runner._run_impl`). Graphs: the manifest's forward graphs (``encoder``,
 ``generator``, ``segmenter``, ``lpips``) and ``loss_and_grad`` (x, roi, w -> loss,
-dloss/dw; attributes lambda1, lambda2, lambda3, ncc_window), which schema-1 bundles do
-not hold: each runner composes it from the forward graphs
-(:func:`deeprecon.runtime.bundle.gradient_graph_specs`).
+dloss/dw; attributes lambda1, lambda2, lambda3, ncc_window), which each runner composes
+from the bundle's graphs (:func:`deeprecon.runtime.bundle.gradient_graph_specs`).
 
 On top of ``run``, the base class gives the pipeline what it asks for, batch by batch:
 encode, render, segment, render_and_segment, and the hybrid inversion
