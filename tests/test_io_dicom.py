@@ -402,13 +402,12 @@ def test_compressed_without_decoder(tmp_path, small):
 
 # --------------------------------------------------------------------------- CLI
 def _cli():
+    """The installed console script: its absence is a broken install, a failure (not a
+    skip, which would let these tests pass without running)."""
+    import deeprecon.runtime.cli  # noqa: F401  (an import error fails the test)
+
     exe = shutil.which("deeprecon-rt") or str(Path(sys.executable).parent / "deeprecon-rt")
-    if not Path(exe).exists():
-        pytest.skip("the deeprecon-rt console script is not installed")
-    try:
-        import deeprecon.runtime.cli  # noqa: F401
-    except ImportError:
-        pytest.skip("deeprecon.runtime.cli is not there yet")
+    assert Path(exe).exists(), "the deeprecon-rt console script is not installed"
     return exe
 
 
