@@ -59,7 +59,8 @@ from deeprecon.runtime.inversion import InversionSettings
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
 
-from .onnx import MAX_BATCH, ExportVerificationError, export_onnx, export_program, link_external_weights
+from .onnx import (MAX_BATCH, ExportVerificationError, export_onnx, export_program,
+                   link_external_weights, verify_onnx)
 
 log = logging.getLogger(__name__)
 
@@ -213,28 +214,34 @@ class _Inputs:
         return (self.image(batch),)
 
 
-def _hybrid_reference(G, E, lp, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+class _HybridReference(torch.nn.Module):
     """The hybrid_grad graph's outputs by autograd (``torch.func.vjp``) of the real
-    networks: the reference its explicit VJP is checked against."""
-    w, *fx, g_ext, lam = inputs
+    networks: the reference its explicit VJP is checked against. Same inputs and
+    outputs as the graph (:func:`~deeprecon.runtime.bundle.graph_specs`)."""
 
-    def loss(wa):
-        y = G(wa)
-        rest = lam[0] * lp.distance_to(list(fx), y) + lam[1] * (wa - E(y)).square().mean(dim=(1, 2))
-        return rest + (y * g_ext).sum(dim=(1, 2, 3)), rest
+    def __init__(self, G, E, lp):
+        super().__init__()
+        self._nets = (G, E, lp)  # not submodules: nothing of this module is exported
 
-    (total, rest), vjp = torch.func.vjp(loss, w)
-    (grad,) = vjp((torch.ones_like(total), torch.zeros_like(rest)))
-    return rest.detach(), grad.detach()
+    def forward(self, w, *args):
+        G, E, lp = self._nets
+        *fx, g_ext, lam = args
+
+        def loss(wa):
+            y = G(wa)
+            rest = lam[0] * lp.distance_to(list(fx), y) + lam[1] * (wa - E(y)).square().mean(dim=(1, 2))
+            return rest + (y * g_ext).sum(dim=(1, 2, 3)), rest
+
+        (total, rest), vjp = torch.func.vjp(loss, w)   # a transform: runs under no_grad too
+        (grad,) = vjp((torch.ones_like(total), torch.zeros_like(rest)))
+        return rest.detach(), grad.detach()
 
 
-def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int,
-             rtol: float = None, atol: float = None) -> dict:
+def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int) -> dict:
     """Max abs and relative error of an artifact's outputs against the reference;
     ExportVerificationError above ``atol + rtol * max|reference|`` or on a shape that
     breaks the spec."""
-    rtol = VERIFY_RTOL if rtol is None else rtol
-    atol = VERIFY_ATOL if atol is None else atol
+    rtol, atol = VERIFY_RTOL, VERIFY_ATOL
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     gots = [got] if isinstance(got, torch.Tensor) else list(got)
     if len(refs) != len(gots) or len(refs) != len(spec_outputs):
@@ -242,7 +249,6 @@ def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: in
                                       f"reference {len(refs)}, the spec {len(spec_outputs)}")
     worst = {"max_abs_err": 0.0, "max_rel_err": 0.0}
     for spec, r, g in zip(spec_outputs, refs, gots):
-        g = torch.as_tensor(g)
         want = [batch if d == "batch" else d for d in spec["shape"]]
         if list(r.shape) != want or list(g.shape) != want:
             raise ExportVerificationError(
@@ -454,7 +460,6 @@ def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
     safetensors files, run in onnxruntime and checked: forward graphs against the
     module, ``hybrid_grad`` against ``torch.func.vjp`` of the real networks."""
     import onnx as onnx_lib
-    import onnxruntime as ort
 
     example = inputs(graph, EXAMPLE_BATCH)
     flags = [bool(t["shape"]) and t["shape"][0] == BATCH for t in spec["inputs"]]
@@ -466,22 +471,16 @@ def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
     link = link_external_weights(path, [tmp / weight_file(n) for n in net_names])
     opset = next(o.version for o in onnx_lib.load(str(path), load_external_data=False).opset_import
                  if o.domain in ("", "ai.onnx"))
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
-    x = inputs(graph, VERIFY_BATCH)
-    got = session.run(None, {t["name"]: a.numpy() for t, a in zip(spec["inputs"], x)})
-    del session
     if graph == "hybrid_grad":
-        ref, reference = _hybrid_reference(nets["generator"], nets["encoder"], nets["lpips"], x), \
+        reference, what = _HybridReference(nets["generator"], nets["encoder"], nets["lpips"]), \
             "torch.func.vjp"
     else:
-        with torch.no_grad():
-            ref, reference = module(*x), "module"
-    check = _compare(graph, [torch.from_numpy(a) for a in got], ref, spec["outputs"], VERIFY_BATCH)
+        reference, what = module, "module"
+    report = verify_onnx(path, reference, inputs(graph, VERIFY_BATCH), rtol=VERIFY_RTOL,
+                         atol=VERIFY_ATOL)
     return {"file": rel, "opset": int(opset),
-            "check": {**check, "reference": reference, "batch": VERIFY_BATCH,
+            "check": {"max_abs_err": report["max_abs_err"], "max_rel_err": report["max_rel_err"],
+                      "reference": what, "batch": VERIFY_BATCH,
                       "weights_linked_bytes": link["linked_bytes"],
                       "inline_bytes": link["inline_bytes"]}}
 

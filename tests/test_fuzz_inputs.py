@@ -44,6 +44,7 @@ from pydicom.dataelem import DataElement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_series import synthetic_study, write_dicom_series  # noqa: E402
+from test_hardening_inputs import tiny_acdc  # noqa: E402
 
 from deeprecon.runtime.cli import run  # noqa: E402
 
@@ -107,19 +108,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
         sitk.WriteImage(img, str(out[name]))
     out["nifti_gz"] = root / "nifti_gz.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(out["nifti_i16"])), str(out["nifti_gz"]))
-    # a tiny ACDC patient folder: frames 1 and 3 of 3, with labels, and Info.cfg
-    acdc = root / "patient001"
-    acdc.mkdir()
-    for frame in (1, 3):
-        a = (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 50).astype(np.int16)    # [S, H, W]
-        img = sitk.GetImageFromArray(a)
-        img.SetSpacing((1.5, 1.5, 8.0))
-        sitk.WriteImage(img, str(acdc / f"patient001_frame{frame:02d}.nii.gz"))
-        lab = sitk.GetImageFromArray((a % 4).astype(np.uint8))
-        lab.CopyInformation(img)
-        sitk.WriteImage(lab, str(acdc / f"patient001_frame{frame:02d}_gt.nii.gz"))
-    (acdc / "Info.cfg").write_text("ED: 1\nES: 3\nGroup: NOR\nHeight: 180.0\nNbFrame: 3\n"
-                                   "Weight: 80.0\n")
+    acdc = tiny_acdc(root / "patient001", "ED: 1\nES: 3\nGroup: NOR\nHeight: 180.0\n"
+                                          "NbFrame: 3\nWeight: 80.0\n")
     out["acdc"] = acdc
     return out
 

@@ -160,8 +160,9 @@ def _nifti(path: Path, patches=(), *, dtype=np.int16, dt: float = 40.0, shape=(3
     return path
 
 
-def _acdc(folder: Path, info: str = "ED: 1\nES: 3\nGroup: NOR\nNbFrame: 3\n") -> Path:
-    """A tiny ACDC patient folder: frames 1 and 3 (4 x 8 x 8) with labels, and Info.cfg."""
+def tiny_acdc(folder: Path, info: str = "ED: 1\nES: 3\nGroup: NOR\nNbFrame: 3\n") -> Path:
+    """A tiny ACDC patient folder: frames 1 and 3 (4 x 8 x 8) with labels, and Info.cfg
+    (also the fuzzer's base case)."""
     folder.mkdir(parents=True)
     for frame in (1, 3):
         a = (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 50).astype(np.int16)    # [S, H, W]
@@ -218,7 +219,7 @@ EXAMPLES = {
     "sop_class_vr_changed": (_sop_class_vr_changed, ["unreadable", "malformed header"]),
     "samples_per_pixel_3": (lambda t: _dicom(t / "d", lambda ds: setattr(ds, "SamplesPerPixel", 3)),
                             ["SamplesPerPixel 3"]),
-    "acdc_ed_inf": (lambda t: (_acdc(t / "p", "ED: inf\nES: 3\nNbFrame: 3\n"), t / "p" / "Info.cfg"),
+    "acdc_ed_inf": (lambda t: (tiny_acdc(t / "p", "ED: inf\nES: 3\nNbFrame: 3\n"), t / "p" / "Info.cfg"),
                     ["ED and ES"]),
     "orientation_1e308": (lambda t: _dicom(t / "d", lambda ds: setattr(
         ds, "ImageOrientationPatient", ["1e308"] * 6)), ["ImageOrientationPatient"]),
@@ -377,14 +378,14 @@ def test_acdc_special_files_are_refused_unopened(tmp_path, capfd, kind, name):
     """In an ACDC folder (Info.cfg, a frame, a label): a FIFO, a device, a link leaving
     the folder: refused (65) naming it, never opened."""
     outside = _nifti(tmp_path / "elsewhere" / "x.nii.gz")
-    folder = _acdc(tmp_path / "p")
+    folder = tiny_acdc(tmp_path / "p")
     _special(folder / name, kind, outside)
     refused(capfd, folder, name, "not a regular file")
 
 
 def test_links_inside_the_folder_are_read(tmp_path, capfd):
     """A symlink that stays inside the input folder is an ordinary file."""
-    folder = _acdc(tmp_path / "p")
+    folder = tiny_acdc(tmp_path / "p")
     (folder / "data").mkdir()
     for name in ("patient001_frame01.nii.gz", "Info.cfg"):
         (folder / name).rename(folder / "data" / name)

@@ -99,8 +99,8 @@ class OnnxRuntimeRunner(Runner):
         self._ncc = ncc_roi_loss_np
         self.threads = threads
         self._sessions: dict[str, Any] = {}
-        for graph in ("encoder", "generator", "segmenter"):  # every artifact exists: now
-            bundle.artifact(graph, "onnx")
+        for graph in ("encoder", "generator", "segmenter"):  # a missing graph fails now
+            self._session(graph)
 
     # -- sessions -------------------------------------------------------------------
     def _session(self, graph: str):
