@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from deeprecon.runtime.cli import run as cli_run
-from deeprecon.runtime.errors import ExitCode
+from deeprecon.runtime.errors import ExitCode, UsageError
 from deeprecon.runtime.phantom import make_phantom, write_phantom
 from deeprecon.trainer.checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint,
                                           read_state, save_checkpoint)
@@ -277,6 +277,46 @@ def test_torchrun_resume_restores_every_rank(phantoms, tmp_path):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_projected_discriminator_trains_only_its_heads_and_warm_starts_from_a_stylegan2_run(phantoms, tmp_path):
+    """The Projected-GAN D: the frozen AlexNet trunk is neither a parameter nor in the
+    state dict (requires_grad_ does not unfreeze it), gradients reach the image, the
+    fixed mixing weights are buffers; a gan run with it continues a state trained with
+    the StyleGAN2 D (G and E loaded, D afresh) and its own compact state warm-starts
+    with D loaded."""
+    from deeprecon.trainer.checkpoint import COMPACT_FILE, compact_extra
+    from deeprecon.trainer.lpips import load_lpips
+    from deeprecon.trainer.networks.projected import ProjectedDiscriminator
+
+    D = ProjectedDiscriminator(load_lpips(layers=3), seed=0)
+    D.requires_grad_(True)
+    assert all(not p.requires_grad for p in D._features.parameters())
+    assert not any(k.startswith(("_features", "net.", "lin")) for k in D.state_dict())
+    assert {"ccm1", "ccm2", "ccm3", "csm32", "csm21"} <= {k for k, _ in D.named_buffers()}
+    img = torch.randn(3, 1, 64, 64, requires_grad=True)
+    logits = D(img)
+    assert logits.shape == (3, 16 + 16 + 1)
+    logits.sum().backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in D.parameters())
+
+    sets = {"joint_encoder": "true"}
+    proj = {**sets, "discriminator": "projected", "r1_gamma": "0", "lr_d": "0.0002"}
+    _train("gan", tmp_path / "sg2", phantoms, steps=2, sets=sets)
+    compact = tmp_path / "sg2" / COMPACT_FILE
+    assert compact_extra(compact)["discriminator"] == "stylegan2"
+    _train("gan", tmp_path / "proj", phantoms, steps=4, sets=proj, warm_start=compact)
+    ct = load_file(str(tmp_path / "proj" / COMPACT_FILE))
+    assert compact_extra(tmp_path / "proj" / COMPACT_FILE)["discriminator"] == "projected"
+    assert any(k.startswith("module.D.head1.") for k in ct)
+    before = ct["module.D.head1.0.parametrizations.weight.original"]
+    _train("gan", tmp_path / "proj2", phantoms, steps=5, sets={**proj, "lr_d": "0"},
+           warm_start=tmp_path / "proj" / COMPACT_FILE)
+    after = load_file(str(tmp_path / "proj2" / COMPACT_FILE))["module.D.head1.0.parametrizations.weight.original"]
+    assert torch.equal(before, after)  # loaded, then unchanged at lr 0
+    with pytest.raises(UsageError, match="unknown discriminator"):
+        _train("gan", tmp_path / "bad", phantoms, steps=1, sets={"discriminator": "pixel"})
 
 
 def test_acdc_tiny_gan_and_direct_seg_with_validation(acdc_root, tmp_path):

@@ -282,6 +282,19 @@ def load_compact(path: str | Path, *, stage: str, modules: Mapping[str, torch.nn
     return step, extra_t, extra
 
 
+def compact_extra(path: str | Path) -> dict[str, Any]:
+    """The extra JSON of a :func:`save_compact` file, read from its header alone
+    (e.g. to choose the modules to load before :func:`load_compact`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return dict(json.loads(meta.get("extra", "{}")))
+    except (OSError, SafetensorError, ValueError, TypeError) as e:
+        raise CheckpointError(f"warm-start file {path} is unreadable: {e}") from None
+
+
 def save_model(path: str | Path, modules: Mapping[str, torch.nn.Module], *,
                config: Mapping[str, Any], dtype: torch.dtype = torch.float16) -> Path:
     """The inference weights of ``modules`` in one safetensors file (``NAME.key``),

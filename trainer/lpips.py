@@ -110,7 +110,7 @@ class ScalingLayer(nn.Module):
 class ShiftTolerantAlexNet(nn.Module):
     """The shift-tolerant AlexNet trunk: [B, 3, H, W] -> (relu1 .. relu5), feature maps
     [B, 64, H1, W1], [B, 192, ...], [B, 384, ...], [B, 256, ...], [B, 256, ...].
-    For a 64x64 input: 30x30, 13x13, 8x8, 8x8, 8x8."""
+    For a 64x64 input: 30x30, 15x15, 8x8, 8x8, 8x8."""
 
     def __init__(self):
         super().__init__()
