@@ -199,7 +199,7 @@ def test_other_series_ignored_with_warning(tmp_path, small):
 def test_single_slice_series_merged_uk_biobank_style(tmp_path, small):
     root = tmp_path / "ukbb"
     for s in range(small.n_slices):
-        write_dicom_series(subset(small, slices=[s]), root / f"sax_b{s + 1}",
+        write_dicom_series(subset(small, slices=[s]), root / f"sax_b{s + 1}", study_uid="1.2.3.99",
                            description=f"CINE_segmented_SAX_b{s + 1}", series_number=20 + s)
     lax = rotated(synthetic_study(phases=3, slices=1, rows=32, cols=32), rotation([1, 0, 0], 70))
     write_dicom_series(lax, root / "lax", description="CINE_segmented_LAX_4Ch")
@@ -258,6 +258,54 @@ def test_no_images(tmp_path):
 def test_only_non_image_objects(tmp_path):
     _write_non_image(tmp_path / "report.dcm")
     expect(NoImagesError, lambda: load_study(tmp_path), "non-image DICOM object", code=66)
+
+
+def _no_uids(*tags):
+    def edit(ds, phase, slice_):
+        for t in tags:
+            delattr(ds, t)
+        return ds
+    return edit
+
+
+def test_series_without_uid_are_named_by_patient_study_and_number(tmp_path, small):
+    """Kaggle DSB style: no SeriesInstanceUID (nor StudyInstanceUID), two patients' cine
+    stacks with the same SeriesNumber in one folder: never merged, listed by
+    PatientID:StudyInstanceUID:SeriesNumber, and that key selects one."""
+    other = synthetic_study(phases=3, slices=4, rows=32, cols=32, seed=9)
+    for study, pid in ((small, "DSB_1"), (other, "DSB_2")):
+        write_dicom_series(study, tmp_path / pid, series_number=5, patient_id=pid,
+                           edit=_no_uids("SeriesInstanceUID", "StudyInstanceUID"))
+    err = expect(MixedSeriesError, lambda: load_study(tmp_path), "2 patients", "'DSB_1'", "'DSB_2'",
+                 "DSB_1:-:5", "DSB_2:-:5", "no SeriesInstanceUID", "--series", code=65)
+    assert "one folder per patient" in err.hint
+    got = load_study(tmp_path, series="DSB_2:-:5")
+    assert np.array_equal(got.images, other.images)
+    assert got.series_uid == "DSB_2:-:5"
+    # with the StudyInstanceUID kept, it is part of the key
+    write_dicom_series(small, tmp_path / "one", series_number=7, patient_id="P:1", study_uid="1.2.3",
+                       edit=_no_uids("SeriesInstanceUID"))
+    assert load_study(tmp_path / "one").series_uid == "P_1:1.2.3:7"
+
+
+def test_one_series_uid_over_two_patients_is_refused(tmp_path, small):
+    """Files of two patients sharing a SeriesInstanceUID (a bad anonymisation) are
+    never stacked: exit 65 naming both PatientIDs."""
+    write_dicom_series(small, tmp_path / "a", series_uid="1.2.826.0.7.1", study_uid="1.2.3",
+                       patient_id="ANON",
+                       edit=lambda ds, p, s: (setattr(ds, "PatientID", "OTHER") if s == 0 else None) or ds)
+    expect(MixedSeriesError, lambda: load_study(tmp_path), "series 1.2.826.0.7.1",
+           "2 different PatientIDs", "'ANON'", "'OTHER'", "never stacked", code=65)
+
+
+def test_single_slice_series_of_two_patients_are_not_merged(tmp_path, small):
+    """UK Biobank style single-slice series, but slices 0-1 of one patient and 2-3 of
+    another (same study UID, same matrix): no stack of mixed patients."""
+    for s in range(small.n_slices):
+        write_dicom_series(subset(small, slices=[s]), tmp_path / f"b{s}", study_uid="1.2.3.99",
+                           patient_id="P1" if s < 2 else "P2",
+                           description=f"CINE_segmented_SAX_b{s + 1}", series_number=20 + s)
+    expect(MixedSeriesError, lambda: load_study(tmp_path), "2 different groups", code=65)
 
 
 def test_mixed_series_listed_and_picked(tmp_path, small):

@@ -13,7 +13,12 @@ What it does, in order:
    pydicom's own warnings about invalid values are silenced, the checks name them.
 2. Expand every image into frames (an Enhanced MR multi-frame file gives one frame per
    image, geometry from its functional groups).
-3. Group frames by SeriesInstanceUID. One safe repair: when exactly one file of a
+3. Group frames by series: SeriesInstanceUID, or where a file has none (Kaggle DSB
+   exports) the key ``PatientID:StudyInstanceUID:SeriesNumber`` (``-`` for an empty
+   part), which the listings show and ``series=`` accepts. A series never spans
+   patients or studies: one whose files name several PatientIDs or StudyInstanceUIDs is
+   refused (MixedSeriesError), and single-slice series are merged only within one
+   patient and study. One safe repair: when exactly one file of a
    series has a NaN, infinite, zero or negative PixelSpacing and all other files agree,
    their value replaces it, with a warning (:func:`_repair_pixel_spacing`); any other
    broken value refuses the series (InvalidGeometryError naming file and tag). A short-axis cine candidate is an MR series with
@@ -91,6 +96,7 @@ class _Frame:
     series_number: int | None
     study_uid: str
     sop_uid: str
+    patient_id: str
     modality: str
     image_type: tuple[str, ...]
     instance: int | None
@@ -106,6 +112,7 @@ class _Frame:
     slope: float = 1.0
     intercept: float = 0.0
     transfer_syntax: str = ""
+    series_uid_given: bool = True     # False: series_uid is the uidless_series_key
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)   # "Tag [values]: what is wrong"
 
@@ -164,7 +171,9 @@ class _SeriesSummary:
     def line(self) -> str:
         num = f"#{self.number} " if self.number is not None else ""
         desc = f"'{self.description}'" if self.description else "(no description)"
-        return (f"{num}{desc} UID {self.uid}: {self.modality}, {_n(self.n_positions, 'slice')} x "
+        name = f"UID {self.uid}" if self.frames[0].series_uid_given else \
+            f"series {self.uid} (PatientID:StudyInstanceUID:SeriesNumber; no SeriesInstanceUID)"
+        return (f"{num}{desc} {name}: {self.modality}, {_n(self.n_positions, 'slice')} x "
                 f"{_n(self.n_phases, 'phase')}, {_n(len(self.frames), 'image')}, {self.orientation}"
                 + (", localiser" if self.localizer else ""))
 
@@ -234,6 +243,14 @@ def _fg_attr(per, shared, seq_name: str, attr: str):
     return None
 
 
+def uidless_series_key(patient_id: str, study_uid: str, series_number: int | None) -> str:
+    """The name of a series whose files carry no SeriesInstanceUID:
+    ``PatientID:StudyInstanceUID:SeriesNumber``, ``-`` for an empty part (what the
+    listings show and ``--series`` accepts)."""
+    parts = (patient_id, study_uid, "" if series_number is None else str(series_number))
+    return ":".join(p.replace(":", "_") or "-" for p in parts)
+
+
 def _frames_of(ds, path: Path) -> list[_Frame]:
     """All image frames of one data set (header only)."""
     sop = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None),
@@ -246,11 +263,14 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
     series_number = _num(ds.get("SeriesNumber"), int)
     description = str(ds.get("SeriesDescription", "") or "").strip()
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
-    if not series_uid:
-        series_uid = f"(no SeriesInstanceUID: study {study_uid or '?'}, series number {series_number})"
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    series_uid_given = bool(series_uid)
+    if not series_uid_given:
+        series_uid = uidless_series_key(patient_id, study_uid, series_number)
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
     common = dict(series_uid=series_uid, description=description, series_number=series_number,
-                  study_uid=study_uid, modality=modality, image_type=image_type,
+                  study_uid=study_uid, patient_id=patient_id, series_uid_given=series_uid_given,
+                  modality=modality, image_type=image_type,
                   rows=int(ds.Rows), cols=int(ds.Columns),
                   samples=int(ds.get("SamplesPerPixel", 1) or 1), transfer_syntax=ts)
     sop_uid = str(ds.get("SOPInstanceUID", "") or path)
@@ -655,7 +675,8 @@ def _merge_groups(singles: list[_SeriesSummary], max_angle_deg: float,
         f = s.frames[0]
         for g in groups:
             r = g[0].frames[0]
-            if ((f.rows, f.cols) == (r.rows, r.cols) and s.n_phases == g[0].n_phases
+            if ((f.patient_id, f.study_uid) == (r.patient_id, r.study_uid)
+                    and (f.rows, f.cols) == (r.rows, r.cols) and s.n_phases == g[0].n_phases
                     and np.allclose(f.pixel_spacing, r.pixel_spacing, rtol=1e-3)
                     and np.dot(f.normal, r.normal) >= cos_tol and np.dot(f.row_dir, r.row_dir) >= cos_tol
                     and (not use_prefix or _prefix(s.description) == _prefix(g[0].description))):
@@ -895,13 +916,29 @@ def _raise_problems(bad: list[_Frame], root: Path, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- public
+def _refuse_mixed_subjects(uid: str, frames: list[_Frame], root: Path) -> None:
+    """MixedSeriesError when one series' files name several patients or studies (files
+    of different subjects that share a SeriesInstanceUID or, without one, a series
+    number): never stacked together."""
+    for what, attr in (("PatientID", "patient_id"), ("StudyInstanceUID", "study_uid")):
+        values = Counter(getattr(f, attr) for f in frames)
+        if len(values) > 1:
+            raise MixedSeriesError(
+                f"{root}: series {uid} holds images of {len(values)} different {what}s "
+                f"({fmt_list([f'{v!r} ({n} images)' for v, n in values.items()], limit=4)}); "
+                "images of different patients or studies are never stacked",
+                hint="put each patient's study in a folder of its own")
+
+
 def load_dicom(folder: str | Path, *, series: str | None = None,
                max_angle_deg: float = MAX_ORIENTATION_ANGLE_DEG, validate: bool = True) -> Study:
     """Load a cine short-axis stack from a DICOM folder (recursive) or a single file.
 
     folder: a folder (searched recursively; any file names) or one (multi-frame) file.
     series: a SeriesInstanceUID to use when several short-axis series are present, or
-            several UIDs separated by commas to merge single-slice series into one stack.
+            several UIDs separated by commas to merge single-slice series into one stack;
+            for files without a SeriesInstanceUID, the listed
+            ``PatientID:StudyInstanceUID:SeriesNumber`` key.
     max_angle_deg: largest angle (degrees) between slices still counted as parallel.
     Returns a Study: images [P, S, H, W] float32 (RescaleSlope/Intercept applied),
     slices sorted along row_dir x col_dir, phases sorted by TriggerTime (InstanceNumber
@@ -946,6 +983,8 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
     by_series: dict[str, list[_Frame]] = defaultdict(list)
     for f in scan.frames:
         by_series[f.series_uid].append(f)
+    for uid, fs in by_series.items():
+        _refuse_mixed_subjects(uid, fs, root)
     repaired = {uid: w for uid, fs in by_series.items()
                 if (w := _repair_pixel_spacing(fs, root, uid)) is not None}
     summaries = {uid: _summarise(uid, fs, max_angle_deg) for uid, fs in by_series.items()}
@@ -975,7 +1014,8 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
             raise UnknownSeriesError(
                 f"{root}: no series {fmt_list(unknown) or repr(series)}; available: "
                 + "; ".join(s.line() for s in summaries.values()),
-                hint="pass one of the listed SeriesInstanceUIDs with --series")
+                hint="pass one of the listed series with --series (its SeriesInstanceUID, or "
+                     "PatientID:StudyInstanceUID:SeriesNumber where the files have none)")
         non_mr = [u for u in wanted if not summaries[u].is_mr]
         if non_mr:
             s = summaries[non_mr[0]]
@@ -1018,10 +1058,14 @@ def load_dicom(folder: str | Path, *, series: str | None = None,
         candidates = not_dynamic
     if len(candidates) > 1:
         candidates.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
+        patients = {s.frames[0].patient_id for s in candidates}
         raise MixedSeriesError(
-            f"{root}: several short-axis series mixed ({len(candidates)} candidates):\n  "
+            f"{root}: several short-axis series mixed ({len(candidates)} candidates"
+            + (f" of {len(patients)} patients: {fmt_list(sorted(map(repr, patients)), limit=4)}"
+               if len(patients) > 1 else "") + "):\n  "
             + "\n  ".join(s.line() for s in candidates),
-            hint=f"pick one with --series UID (e.g. --series {candidates[0].uid})")
+            hint=f"pick one with --series (e.g. --series {candidates[0].uid})"
+                 + ("; better, one folder per patient" if len(patients) > 1 else ""))
     uids: list[str]
     if candidates:
         uids = [candidates[0].uid]
