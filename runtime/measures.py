@@ -10,8 +10,10 @@
   frame 0 as ED (its cines are triggered on the R wave) and ES = smallest LV; pass
   ``ed_phase=0`` to reproduce that exactly. The RV uses the same ED and ES phases as the
   LV, as in ukbb_cardiac.
-- SV = EDV - ESV; EF = SV / EDV x 100. With a single phase only the ED measures exist;
-  the ES-derived ones are NaN.
+- SV = EDV - ESV; EF = SV / EDV x 100. A single phase is measured as what the input
+  names it: ES (``es_phase=0``) fills only the ES volumes, ED (or no name) only the ED
+  measures; the others are NaN, and ``ed_es_from`` says which it was (an unnamed phase
+  is reported in the ED columns, and says so).
 - With ``rr_interval_ms`` the cardiac outputs LVCO and RVCO (L/min) = SV x heart rate.
 
 Keys are ukbb_cardiac's CSV column names: 'LVEDV (mL)', 'LVESV (mL)', 'LVSV (mL)',
@@ -130,16 +132,24 @@ def clinical_measures(labels: np.ndarray, voxel_volume_ml: float, *, ed_phase: i
             raise UsageError(f"{name} {p} is outside the {P} phases")
     lv = curves["LVC"]
     source = []
-    if ed_phase is None:
-        ed_phase = int(np.argmax(lv))
-        source.append("ED from LV volume")
-    if es_phase is None and P > 1:
-        es_phase = int(np.argmin(lv))
-        source.append("ES from LV volume")
-    ed = int(ed_phase)
+    if P == 1 and es_phase is not None and ed_phase is None:
+        source.append("one phase, named ES by the input: ES volumes only")
+    elif P == 1:
+        source.append("one phase, named ED by the input: ED measures only" if ed_phase is not None
+                      else "one phase, not named ED or ES by the input: reported in the ED columns")
+        ed_phase = 0
+    else:
+        if ed_phase is None:
+            ed_phase = int(np.argmax(lv))
+            source.append("ED from LV volume")
+        if es_phase is None:
+            es_phase = int(np.argmin(lv))
+            source.append("ES from LV volume")
+    ed = None if ed_phase is None else int(ed_phase)
     es = None if es_phase is None else int(es_phase)
     nan = float("nan")
-    lvedv, rvedv = float(lv[ed]), float(curves["RVC"][ed])
+    lvedv = float(lv[ed]) if ed is not None else nan
+    rvedv = float(curves["RVC"][ed]) if ed is not None else nan
     lvesv = float(lv[es]) if es is not None else nan
     rvesv = float(curves["RVC"][es]) if es is not None else nan
     out: dict[str, Any] = {
@@ -147,7 +157,7 @@ def clinical_measures(labels: np.ndarray, voxel_volume_ml: float, *, ed_phase: i
         "LVESV (mL)": lvesv,
         "LVSV (mL)": lvedv - lvesv,
         "LVEF (%)": _ratio(lvedv - lvesv, lvedv),
-        "LVM (g)": float(curves["LVM"][ed]) * MYOCARDIAL_DENSITY_G_PER_ML,
+        "LVM (g)": float(curves["LVM"][ed]) * MYOCARDIAL_DENSITY_G_PER_ML if ed is not None else nan,
         "RVEDV (mL)": rvedv,
         "RVESV (mL)": rvesv,
         "RVSV (mL)": rvedv - rvesv,
@@ -269,13 +279,15 @@ def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None
 
     es_measures = {"LVESV (mL)", "LVSV (mL)", "LVEF (%)", "RVESV (mL)", "RVSV (mL)",
                    "RVEF (%)", "LVCO (L/min)", "RVCO (L/min)"}
+    ed_measures = {"LVEDV (mL)", "LVSV (mL)", "LVEF (%)", "LVM (g)", "RVEDV (mL)", "RVSV (mL)",
+                   "RVEF (%)", "LVCO (L/min)", "RVCO (L/min)"}
     for col in (*MEASURE_COLUMNS, "LVCO (L/min)", "RVCO (L/min)"):
         if col not in measures:
             continue
         v = measures[col]
         if not _finite(v):
-            if es is None and col in es_measures:
-                continue            # one phase: no ES measures, as documented
+            if (es is None and col in es_measures) or (ed is None and col in ed_measures):
+                continue            # one phase: no ES (or ED) measures, as documented
             add("non_finite", col, None, PLAUSIBLE_RANGES.get(col),
                 f"{_short(col)} is not a number (an empty structure?)")
             continue

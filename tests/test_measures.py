@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
-from deeprecon.runtime.measures import (MEASURE_COLUMNS, clinical_measures, study_measures,
+from deeprecon.runtime.measures import (MEASURE_COLUMNS, clinical_measures, plausibility_flags,
+                                        study_measures,
                                         volume_curves_ml, voxel_volume_ml)
 from deeprecon.runtime.phantom import make_phantom
 from deeprecon.runtime.study import Geometry
@@ -48,6 +49,13 @@ def test_measures_given_phases_single_phase_and_output():
     one = clinical_measures(lab[1], 1.0)                       # [S, H, W]: one phase
     assert one["ed_phase"] == 0 and one["es_phase"] is None
     assert one["LVEDV (mL)"] == 10.0 and math.isnan(one["LVEF (%)"])
+    assert "not named ED or ES" in one["ed_es_from"] and "ED columns" in one["ed_es_from"]
+    # one phase the input names ES: ES volumes only, nothing called EDV or LVM
+    es = clinical_measures(lab[1], 1.0, es_phase=0)
+    assert (es["ed_phase"], es["es_phase"]) == (None, 0) and es["LVESV (mL)"] == 10.0
+    assert all(math.isnan(es[k]) for k in ("LVEDV (mL)", "LVM (g)", "LVEF (%)", "RVEDV (mL)"))
+    assert "named ES" in es["ed_es_from"]
+    assert [f for f in plausibility_flags(es) if f["code"] == "non_finite"] == []
     co = clinical_measures(lab, 1.0, rr_interval_ms=800.0)
     assert co["LVCO (L/min)"] == pytest.approx(6.0 * 75.0 / 1000.0)
     empty = clinical_measures(np.zeros((2, 1, 2, 2), np.uint8), 1.0)
