@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -104,19 +104,41 @@ def _setup_logging(level: int) -> None:
 
 
 # --------------------------------------------------------------------------- study
+_STUDY_HELP = ("DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder; or several one-phase "
+               "files of one stack (e.g. ED.nii.gz ES.nii.gz), named ED/ES from their file names.")
+_INPUT_HELP = "An input, as STUDY (repeatable: -i ED.nii.gz -i ES.nii.gz)."
+_PHASE_NAMES_HELP = ("ED/ES name of each input, comma-separated in input order (- for unnamed), "
+                     "instead of reading them from the file names.")
+_SERIES_HELP = ("The series to use when the DICOM folder holds several short-axis series: its "
+                "SeriesInstanceUID, or PatientID:StudyInstanceUID:SeriesNumber as listed when the "
+                "files have none.")
+
+
+def _load_input(study: Optional[List[Path]], inputs: Optional[List[Path]], series: Optional[str],
+                phase_names: Optional[str]):
+    """The study of the positional inputs and the -i/--input ones, acquisition-checked."""
+    from deeprecon.runtime.io import check_acquisition, load_studies
+
+    paths = list(study or []) + list(inputs or [])
+    if not paths:
+        raise UsageError("no study given", hint="pass a study folder or file, or -i FILE (repeatable)")
+    names = None if phase_names is None else [n for n in phase_names.split(",")]
+    return check_acquisition(load_studies(paths, series=series, phase_names=names))
+
+
 @study_app.command("info")
 def study_info(
-    path: Path = typer.Argument(..., help="DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder."),
-    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use when the folder holds several short-axis series."),
+    path: Optional[List[Path]] = typer.Argument(None, help=_STUDY_HELP, show_default=False),
+    inputs: Optional[List[Path]] = typer.Option(None, "--input", "-i", help=_INPUT_HELP, show_default=False),
+    series: Optional[str] = typer.Option(None, "--series", help=_SERIES_HELP),
+    phase_names: Optional[str] = typer.Option(None, "--phase-names", help=_PHASE_NAMES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Print what was found: series, phases, slices, matrix, spacing, gap, orientation, warnings.
 
     A study that is not a cine short-axis stack (a long-axis view, a single slice, a
     perfusion/dynamic series) is refused with exit 65, as reconstruct would refuse it."""
-    from deeprecon.runtime.io import check_acquisition, load_study
-
-    study = check_acquisition(load_study(path, series=series))
+    study = _load_input(path, inputs, series, phase_names)
     desc = study.describe()
     if as_json:
         typer.echo(json.dumps(desc, indent=2))
@@ -256,8 +278,9 @@ _BACKEND_HELP = ("auto, onnxruntime or torch. auto: onnxruntime when it is insta
 
 @app.command("reconstruct")
 def reconstruct(
-    study: Path = typer.Argument(..., help="DICOM folder, NIfTI file (3D or 4D) or ACDC patient folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; a previous output there is replaced)."),
+    study: Optional[List[Path]] = typer.Argument(None, help=_STUDY_HELP, show_default=False),
+    inputs: Optional[List[Path]] = typer.Option(None, "--input", "-i", help=_INPUT_HELP, show_default=False),
+    out: Path = typer.Option(..., "--out", "--output", "-o", help="Output folder (written atomically; a previous output there is replaced)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
@@ -265,13 +288,13 @@ def reconstruct(
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / the model's pixel spacing, at least 2 when the gap is larger than that spacing; the log says the choice)."),
     phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices (default: ED and ES when known, else all)."),
-    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID when the DICOM folder holds several short-axis series."),
+    series: Optional[str] = typer.Option(None, "--series", help=_SERIES_HELP),
+    phase_names: Optional[str] = typer.Option(None, "--phase-names", help=_PHASE_NAMES_HELP),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop an image's inversion after this many steps without improvement (0: never; default: the bundle's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
 ):
     """Segment a study, reconstruct its high-resolution volume and compute the clinical measures."""
-    from deeprecon.runtime.io import check_acquisition, load_study
     from deeprecon.runtime.outputs import check_output_dir, write_outputs
 
     if fast and steps is not None:
@@ -280,7 +303,7 @@ def reconstruct(
     # the study first: a bad study (or not a cine SAX stack) fails in a second, before
     # the bundle is opened
     t0 = time.perf_counter()
-    loaded = check_acquisition(load_study(study, series=series))
+    loaded = _load_input(study, inputs, series, phase_names)
     t_load = time.perf_counter() - t0
     with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
         result = rec.reconstruct(loaded, steps=0 if fast else steps, interp=interp,
@@ -296,7 +319,7 @@ def reconstruct(
 def adapt_motion_cmd(
     source: Path = typer.Argument(..., help="Study whose heart is moved (its ED is the start)."),
     target: Path = typer.Argument(..., help="Study whose motion is transferred."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    out: Path = typer.Option(..., "--out", "--output", "-o", help="Output folder (written atomically)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),

@@ -3,6 +3,7 @@
 Public API::
 
     load_study(path, *, series=None) -> Study      # picks the loader from the path
+    load_studies(paths, *, series=None, phase_names=None) -> Study  # one or several inputs
     load_nifti(path, *, labels=None, label_convention="project") -> Study
     load_acdc(folder) -> Study
     load_dicom(folder, *, series=None) -> Study
@@ -17,7 +18,7 @@ from deeprecon.runtime.io.acquisition import (DynamicSeriesError, LongAxisError,
                                               SingleSliceError, check_acquisition)
 from deeprecon.runtime.io.acdc import is_acdc_folder, load_acdc, parse_info_cfg
 from deeprecon.runtime.io.dicom import load_dicom
-from deeprecon.runtime.io.load import load_study
+from deeprecon.runtime.io.load import load_studies, load_study, phase_name_of
 from deeprecon.runtime.io.nifti import find_label_file, load_nifti
 from deeprecon.runtime.io.validate import (
     AmbiguousInputError, DuplicatePositionError, GeometryMismatchError, InvalidGeometryError,
@@ -26,7 +27,7 @@ from deeprecon.runtime.io.validate import (
     UnreadableFilesError, UnsupportedTransferSyntaxError, validate_study)
 
 __all__ = [
-    "load_study", "load_nifti", "load_acdc", "load_dicom", "validate_study", "check_acquisition",
+    "load_study", "load_studies", "phase_name_of", "load_nifti", "load_acdc", "load_dicom", "validate_study", "check_acquisition",
     "DynamicSeriesError", "LongAxisError", "SingleSliceError",
     "is_acdc_folder", "parse_info_cfg", "find_label_file",
     "AmbiguousInputError", "DuplicatePositionError", "GeometryMismatchError",
