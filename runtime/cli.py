@@ -207,13 +207,16 @@ class _Progress:
         self._bar = None
         self._tasks: dict[str, int] = {}
         self._logged: dict[str, int] = {}
+        self._started: dict[str, float] = {}
 
     def __enter__(self):
         if self.enabled and self.tty:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
             self._bar = Progress(TextColumn("{task.description:<12}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"),
-                                 TimeElapsedColumn(), transient=True)
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 transient=True)
             self._bar.start()
         return self
 
@@ -229,10 +232,14 @@ class _Progress:
                 self._tasks[stage] = self._bar.add_task(stage, total=total)
             self._bar.update(self._tasks[stage], completed=done, total=total)
             return
+        now = time.perf_counter()
+        t0 = self._started.setdefault(stage, now)
         quarter = (4 * done) // max(total, 1)
         if done == total or quarter > self._logged.get(stage, 0):
             self._logged[stage] = quarter
-            log.info("%s: %d/%d", stage, done, total)
+            elapsed = now - t0
+            eta = "" if done == total or done == 0 else f", ETA {elapsed / done * (total - done):.0f} s"
+            log.info("%s: %d/%d (%.0f s%s)", stage, done, total, elapsed, eta)
 
 
 def _open_reconstructor(bundle: Optional[Path], backend: str, device: str):
@@ -313,6 +320,56 @@ def reconstruct(
         result.options["series"] = series
         write_outputs(result, out, progress=progress)
     _print_summary(result, out, as_json)
+
+
+@app.command("cohort")
+def cohort_cmd(
+    input_dir: Path = typer.Argument(..., help="Folder with one study per entry: sub-folders (DICOM, ACDC) and NIfTI images."),
+    out: Path = typer.Option(..., "--out", "--output", "-o", help="Folder for one output folder per study and the summary CSV."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
+    fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
+    interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: from each study's slice gap)."),
+    phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices, for every study (default: ED and ES when known, else all)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the cohort into this many parts (run one process per part)."),
+    part_id: int = typer.Option(0, "--part-id", min=0, help="Which part this process runs (0 .. num-parts - 1)."),
+):
+    """Reconstruct every study of a folder with the model loaded once: one output folder
+    per study, finished studies skipped, a failing study recorded and the run going on,
+    and a summary CSV. Exit 0 when every study is done, 1 when some failed."""
+    from deeprecon.runtime.cohort import part_of, run_cohort
+    from deeprecon.runtime.io import check_acquisition, load_study
+    from deeprecon.runtime.outputs import write_outputs
+
+    if fast and steps is not None:
+        raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
+    part_of([], num_parts, part_id)  # the part arguments, before the bundle is opened
+    with _open_reconstructor(bundle, backend, device) as rec:
+        def process(path: Path, study_out: Path) -> None:
+            study = check_acquisition(load_study(path))
+            result = rec.reconstruct(study, steps=0 if fast else steps, interp=interp,
+                                     phases=phases, batch=batch)
+            write_outputs(result, study_out)
+
+        def on_study(done: int, total: int, outcome) -> None:
+            if _verbosity["level"] <= logging.INFO:
+                typer.echo(f"[{done}/{total}] {outcome.name}: {outcome.status}"
+                           + (f" (exit {outcome.exit_code}: {outcome.message})"
+                              if outcome.status == "failed" else ""), err=True)
+
+        outcomes, summary, warnings = run_cohort(input_dir, out, process=process,
+                                                 num_parts=num_parts, part_id=part_id,
+                                                 on_study=on_study)
+    for w in warnings:
+        log.warning("%s", w)
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
+    typer.echo(f"{len(outcomes)} studies: {counts['done']} done, {counts['skipped']} skipped "
+               f"(finished before), {counts['failed']} failed; summary: {summary}")
+    if counts["failed"]:
+        raise typer.Exit(int(ExitCode.PARTIAL))
 
 
 @app.command("adapt-motion")

@@ -3,6 +3,8 @@
 Exit codes (sysexits.h names), used across the whole CLI:
 
     0  OK           success
+    1  PARTIAL      a cohort run in which some studies failed (each one's code and
+                    message are in its summary CSV; the others were written)
     2  USAGE        bad command line (wrong option, missing argument)
     65 DATAERR      bad input data (malformed DICOM, mixed series, missing slice, ...)
     66 NOINPUT      no input (path does not exist, folder holds no images)
@@ -24,6 +26,7 @@ from deeprecon.cpp_ext.errors import KernelUnavailableError
 
 class ExitCode(IntEnum):
     OK = 0
+    PARTIAL = 1
     USAGE = 2
     DATA = 65
     NO_INPUT = 66
