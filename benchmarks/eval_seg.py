@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from deeprecon.runtime.io import load_study
-from deeprecon.runtime.metrics import evaluate_segmentation, json_safe
+from deeprecon.runtime.jsonsafe import json_safe
+from deeprecon.runtime.metrics import evaluate_segmentation
 from deeprecon.runtime.pipeline import Reconstructor
 from deeprecon.runtime.preprocess import prepare
 from deeprecon.trainer.config import ModelConfig

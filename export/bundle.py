@@ -40,10 +40,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,10 +49,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deeprecon.runtime.bundle import (BATCH, BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
-                                      check_program_archive, graph_specs, load_bundle,
-                                      sha256_file)
+                                      check_program_archive, graph_specs, load_bundle)
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
 from deeprecon.runtime.inversion import InversionSettings
+from deeprecon.runtime.publish import sha256_file, staged_folder
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
 
@@ -355,8 +352,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     inputs = _Inputs(model, w_avg, features, lambdas, seed=0)
 
     t_all = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    # published atomically: a staging folder beside out, renamed onto it once verified
+    with staged_folder(out, check=lambda target: _check_out(target, overwrite)) as tmp:
         (tmp / "weights").mkdir()
         (tmp / "programs").mkdir()
         states = {n: _state(n, nets[n]) for n in NETWORKS}
@@ -411,15 +408,10 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        _publishable(tmp)
         try:  # the bundle as the runtime will read it
             load_bundle(tmp, verify=True)
         except BundleError as e:  # pragma: no cover - a writer/reader mismatch is a bug
             raise ExportVerificationError(f"the written bundle does not load: {e}") from None
-        _replace(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = sum(e["bytes"] for e in files_meta.values())
     log.info("bundle %s written in %.1f s (%d files, %.1f MB)", out,
              time.perf_counter() - t_all, len(files_meta) + 1, total / 1e6)
@@ -483,35 +475,6 @@ def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
                       "reference": what, "batch": VERIFY_BATCH,
                       "weights_linked_bytes": link["linked_bytes"],
                       "inline_bytes": link["inline_bytes"]}}
-
-
-def _publishable(folder: Path) -> None:
-    """Ordinary permissions (umask applied) on the folder and everything in it:
-    ``mkdtemp`` makes a private folder, and a bundle is meant to be read by others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [folder, *folder.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` folder onto ``out``; an existing ``out`` (checked
-    again: it may have appeared during the export) is moved aside first and removed
-    after the rename."""
-    _check_out(out, overwrite)
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, old / "bundle")
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:  # put the previous bundle back
-            os.replace(old / "bundle", out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- from runs

@@ -66,6 +66,7 @@ import numpy as np
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
 from deeprecon.runtime.inversion import LOSS_AND_GRAD, InversionSettings
 from deeprecon.runtime.preprocess import PreprocessConfig
+from deeprecon.runtime.publish import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -90,7 +91,6 @@ MANIFEST_KEYS = ("format", "schema_version", "name", "created", "model", "prepro
                  "inversion", "weights", "graphs", "files", "versions", "provenance")
 MODEL_KEYS = ("preset", "resolution", "num_ws", "w_dim", "config")
 
-_HASH_CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _EXPORT_HINT = "export the bundle again: deeprecon-rt export SEG_RUN -o DIR"
 _TORCH_HINT = "pip install 'deeprecon-rt[torch]' (or use a backend that needs no torch)"
@@ -284,15 +284,6 @@ def gradient_graph_specs(*, resolution: int, num_ws: int, w_dim: int
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_relpath(rel: Any, where: str) -> str:
@@ -861,7 +852,7 @@ def default_bundle_path() -> Path:
 __all__ = ["BUNDLE_FORMAT", "SCHEMA_VERSION", "MANIFEST", "BATCH", "GRAPH_NAMES",
            "GRADIENT_GRAPHS", "NETWORKS", "ARTIFACT_KINDS", "BoundProgram",
            "INVERSION_KEYS", "TensorSpec", "GraphSpec", "Bundle", "load_bundle",
-           "graph_specs", "gradient_graph_specs", "check_program_archive", "sha256_file",
+           "graph_specs", "gradient_graph_specs", "check_program_archive",
            "default_bundle_path",
            "SHIPPED_BUNDLE", "BUNDLE_ENV",
            "dtype_name"]

@@ -18,6 +18,7 @@ import typer
 from deeprecon.runtime import __version__
 from deeprecon.runtime.errors import (FOREIGN_ERRORS, DeepreconError, ExitCode, UsageError,
                                       exit_code_of)
+from deeprecon.runtime.signals import Terminated, terminating_signals_raise
 
 log = logging.getLogger("deeprecon")
 
@@ -251,7 +252,7 @@ def _open_reconstructor(bundle: Optional[Path], backend: str, device: str):
 def _print_summary(result, out: Path, as_json: bool) -> None:
     if as_json:
         from deeprecon.runtime.measures import MEASURE_COLUMNS
-        from deeprecon.runtime.metrics import json_safe
+        from deeprecon.runtime.jsonsafe import json_safe
         typer.echo(json.dumps(json_safe({
             "output": str(out), "kind": result.kind,
             "measures": {src: {k: m[k] for k in MEASURE_COLUMNS}
@@ -486,33 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.exit(code)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: unwind like Ctrl-C (partial outputs are removed on the way)."""
-
-
-_signal_seen: dict[str, int] = {}
-
-
-def _on_sigterm(signum, frame):
-    # remembered apart: library code on the way up may re-raise a plain KeyboardInterrupt
-    _signal_seen["signal"] = signum
-    raise Terminated()
-
-
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code instead of exiting (for tests and embedding)."""
-    import signal
-    import threading
-
+    """Run the CLI and return its exit code instead of exiting (for tests and embedding).
+    SIGTERM and SIGHUP end the command with 143 / 129 after every staging folder is
+    removed, Ctrl-C with 130 (the one signal policy: :mod:`deeprecon.runtime.signals`)."""
     _setup_logging(logging.INFO)
-    main_thread = threading.current_thread() is threading.main_thread()
-    _signal_seen.clear()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
-    try:
+    with terminating_signals_raise():
         return _run(argv)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -520,9 +501,10 @@ def _run(argv: list[str] | None) -> int:
         # standalone mode: typer prints usage errors itself and exits with 2
         app(args=argv, prog_name="deeprecon-rt")
         return ExitCode.OK
+    except Terminated as e:  # SIGTERM or SIGHUP (a SystemExit: typer lets it through)
+        _error(f"terminated ({e.signal_name}); no partial output was left")
+        return e.code
     except SystemExit as e:
-        if _signal_seen:  # SIGTERM, which typer turned into "Aborted!"
-            return _terminated()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.USAGE)
     except (DeepreconError, *FOREIGN_ERRORS) as e:  # FOREIGN_ERRORS: e.g. cpp_ext's, exit 69
         _error(str(e), exc=e)
@@ -531,9 +513,7 @@ def _run(argv: list[str] | None) -> int:
         _error("out of memory: the study is too large for this machine's memory; "
                "process fewer phases at a time or use a machine with more memory", exc=e)
         return ExitCode.OUT_OF_MEMORY
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into Terminated
-        if _signal_seen:
-            return _terminated()
+    except KeyboardInterrupt:  # Ctrl-C
         _error("interrupted")
         return 130
     except Exception as e:  # a bug: say so, and how to report it
@@ -545,12 +525,6 @@ def _run(argv: list[str] | None) -> int:
                "  this is a bug in deeprecon-rt; rerun with -v for the traceback and report it",
                exc=e)
         return ExitCode.INTERNAL
-
-
-def _terminated() -> int:
-    signum = _signal_seen.pop("signal")
-    _error("terminated (SIGTERM); no partial output was left")
-    return 128 + signum
 
 
 def _error(message: str, exc: BaseException | None = None) -> None:

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
 from deeprecon.runtime.io.nifti import labels_to_project
+from deeprecon.runtime.jsonsafe import json_safe
 from deeprecon.runtime.study import LABELS
 
 log = logging.getLogger(__name__)
@@ -219,22 +220,6 @@ def evaluate_segmentation(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
         agg["per_phase"] = per
         out[name] = agg
     return out
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` with NaN/inf floats replaced by None and numpy scalars made Python."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    return obj
 
 
 # --------------------------------------------------------------------------- files

@@ -24,6 +24,9 @@ import numpy as np
 from .preprocess import ModelGridTransform
 from .study import Geometry, Study
 
+#: ``Result.kind`` of a motion adaptation (``adapt_motion``)
+MOTION_KIND = "motion_adaptation"
+
 
 @dataclass
 class Result:
@@ -107,4 +110,25 @@ class Result:
         return self.transform.model_geometry(self.study.geometry)
 
 
-__all__ = ["Result"]
+def frame_ids(result: Result) -> list[int]:
+    """The source's frame number of each reconstructed phase (``Result.phase_ids``);
+    0..P-1 when the study cannot say (e.g. an adapted sequence longer than the study, or
+    repeated ids, which would give two phases the same file name)."""
+    try:
+        ids = [int(v) for v in result.phase_ids]
+    except (IndexError, TypeError, ValueError):
+        ids = []
+    if len(ids) != result.n_phases or len(set(ids)) != len(ids):
+        ids = list(range(result.n_phases))
+    return ids
+
+
+def all_warnings(result: Result) -> list[str]:
+    """The Result's warnings then the study's, each once, in order."""
+    seen: dict[str, None] = {}
+    for w in list(result.warnings) + list(result.study.warnings):
+        seen.setdefault(str(w), None)
+    return list(seen)
+
+
+__all__ = ["Result", "MOTION_KIND", "frame_ids", "all_warnings"]

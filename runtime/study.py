@@ -190,7 +190,7 @@ class Study:
         """What `deeprecon-rt study info` prints: a JSON-serialisable summary, valid JSON
         under any input: NaN and infinite values (in geometry, trigger times or ``info``)
         become None, numpy scalars Python numbers."""
-        from deeprecon.runtime.metrics import json_safe   # the one NaN -> null converter
+        from deeprecon.runtime.jsonsafe import json_safe
 
         g = self.geometry
         with np.errstate(all="ignore"):

@@ -13,8 +13,9 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from deeprecon.runtime.errors import InvalidStudyError, NoInputError, UsageError
+from deeprecon.runtime.jsonsafe import json_safe
 from deeprecon.runtime.metrics import (assd, compare_label_files, dice, evaluate_segmentation,
-                                       hausdorff, hausdorff95, json_safe, surface_distances)
+                                       hausdorff, hausdorff95, surface_distances)
 from deeprecon.runtime.study import ACDC_TO_PROJECT
 
 SPACING = (3.0, 1.2, 0.8)   # (z, y, x) mm, strongly anisotropic

@@ -27,6 +27,7 @@ import SimpleITK as sitk
 from deeprecon.runtime import outputs
 from deeprecon.runtime.errors import UsageError
 from deeprecon.runtime.measures import MEASURE_COLUMNS, clinical_measures, voxel_volume_ml
+from deeprecon.runtime.outputs import pictures, tables
 from deeprecon.runtime.outputs import (MANIFEST_NAME, is_outputs_folder, staging_dir,
                                        verify_outputs, write_outputs)
 from deeprecon.runtime.phantom import make_phantom
@@ -124,7 +125,7 @@ def fast_pictures(monkeypatch):
         Image.new("L", (4, 4)).save(stage / "qc" / "tiny.png")
         return {"volume_curves": "qc/tiny.png"}
 
-    monkeypatch.setattr(outputs, "_write_pictures", tiny)
+    monkeypatch.setattr(pictures, "write_pictures", tiny)
 
 
 def _siblings(parent: Path) -> list[str]:
@@ -299,7 +300,7 @@ def test_error_midway_leaves_nothing(result, tmp_path, monkeypatch, exc):
         (stage / "qc" / "half.png").write_bytes(b"half")
         raise exc
 
-    monkeypatch.setattr(outputs, "_write_pictures", failing)
+    monkeypatch.setattr(pictures, "write_pictures", failing)
     with pytest.raises(type(exc)):
         write_outputs(result, tmp_path / "new")
     assert _siblings(tmp_path) == []
@@ -312,7 +313,7 @@ def test_error_while_replacing_keeps_previous(result, tmp_path, monkeypatch, fas
     def failing(res, stage):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(outputs, "_write_measures", failing)
+    monkeypatch.setattr(tables, "write_measures", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_outputs(result, out)
     assert _siblings(tmp_path) == ["case"]
@@ -343,6 +344,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_outputs import make_result
 from deeprecon.runtime import outputs
+from deeprecon.runtime.outputs import pictures
 
 def slow(result, stage):
     (stage / "qc").mkdir()
@@ -350,7 +352,7 @@ def slow(result, stage):
     Path({marker!r}).write_text(str(stage))
     time.sleep(120)
 
-outputs._write_pictures = slow
+pictures.write_pictures = slow
 outputs.write_outputs(make_result(evil=False), {out!r})
 """
 
@@ -444,21 +446,36 @@ def test_write_from_a_worker_thread(result, tmp_path, fast_pictures):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_install_signal_cleanup_keeps_other_handlers():
+def test_terminating_signals_raise_keeps_other_handlers_and_restores():
+    """The one signal policy: SIGTERM and SIGHUP raise Terminated (exit status 128 + n)
+    while active, a handler someone else installed is kept, and the previous handlers
+    come back afterwards."""
+    from deeprecon.runtime.signals import Terminated, terminating_signals_raise
+
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        assert outputs.install_signal_cleanup() is True
-        handler = signal.getsignal(signal.SIGTERM)
-        assert handler not in (signal.SIG_DFL, signal.SIG_IGN)
-        with pytest.raises(SystemExit) as exc:
-            handler(signal.SIGTERM, None)
-        assert exc.value.code == 128 + signal.SIGTERM
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with terminating_signals_raise():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                handler = signal.getsignal(sig)
+                assert handler not in (signal.SIG_DFL, signal.SIG_IGN)
+                with pytest.raises(Terminated) as exc:
+                    handler(sig, None)
+                assert isinstance(exc.value, SystemExit) and exc.value.code == 128 + sig
+                assert exc.value.signal_name == signal.Signals(sig).name
+            installed = signal.getsignal(signal.SIGTERM)
+            with terminating_signals_raise():       # nested: left as it is
+                assert signal.getsignal(signal.SIGTERM) is installed
+            assert signal.getsignal(signal.SIGTERM) is installed
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
         mine = lambda signum, frame: None  # noqa: E731
         signal.signal(signal.SIGTERM, mine)
-        signal.signal(signal.SIGHUP, mine)
-        assert outputs.install_signal_cleanup() is False
-        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)      # as under nohup
+        with terminating_signals_raise():
+            assert signal.getsignal(signal.SIGTERM) is mine
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGHUP, previous[1])

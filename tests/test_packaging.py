@@ -20,7 +20,11 @@ CORE_MODULES = [
     "deeprecon.runtime.phantom", "deeprecon.runtime.metrics", "deeprecon.runtime.measures",
     "deeprecon.runtime.qc", "deeprecon.runtime.cli", "deeprecon.runtime.bundle",
     "deeprecon.runtime.result", "deeprecon.runtime.backends", "deeprecon.runtime.pipeline",
-    "deeprecon.runtime.motion", "deeprecon.runtime.outputs", "deeprecon.runtime.report",
+    "deeprecon.runtime.motion", "deeprecon.runtime.outputs", "deeprecon.runtime.outputs.folder",
+    "deeprecon.runtime.outputs.volumes", "deeprecon.runtime.outputs.tables",
+    "deeprecon.runtime.outputs.pictures", "deeprecon.runtime.outputs.run_report",
+    "deeprecon.runtime.outputs.html_report", "deeprecon.runtime.publish",
+    "deeprecon.runtime.signals", "deeprecon.runtime.jsonsafe",
     "deeprecon.runtime.inversion", "deeprecon.runtime.backends.base",
     "deeprecon.runtime.backends.onnxruntime_backend", "deeprecon.cpp_ext.numpy_ops",
 ]

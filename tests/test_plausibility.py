@@ -9,11 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from deeprecon.runtime import outputs
 from deeprecon.runtime.measures import (FLAG_CODES, PLAUSIBLE_RANGES,
                                         clinical_measures, mid_ventricular_slices,
                                         plausibility_flags, study_measures)
-from deeprecon.runtime.outputs import write_outputs
+from deeprecon.runtime.outputs import pictures, write_outputs
 from deeprecon.runtime.phantom import make_phantom
 
 KEYS = {"code", "source", "measure", "value", "range", "phase", "frame", "slices", "message"}
@@ -146,7 +145,7 @@ def test_flags_reach_run_report_measures_json_and_report(tmp_path, monkeypatch):
         Image.new("L", (4, 4)).save(stage / "qc" / "tiny.png")
         return {"volume_curves": "qc/tiny.png"}
 
-    monkeypatch.setattr(outputs, "_write_pictures", tiny)
+    monkeypatch.setattr(pictures, "write_pictures", tiny)
     result = make_result(evil=False)
     ids = [result.study.phase_ids[p] for p in result.phases]
     assert plausibility_flags(result.measures["native"], labels=result.labels) == []

@@ -28,9 +28,7 @@ force.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
+from deeprecon.runtime.publish import staged_folder, write_file_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
@@ -50,31 +49,13 @@ class CheckpointError(InvalidStudyError):
     """A checkpoint or weight file that is missing, corrupt or does not fit the run."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, *,
                             metadata: Mapping[str, str] | None = None) -> Path:
-    """One safetensors file, written to a temporary name beside ``path`` and renamed:
-    a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: _contiguous_cpu(v) for k, v in tensors.items()}, tmp,
-                  metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """One safetensors file, published atomically (:func:`deeprecon.runtime.publish.
+    write_file_atomic`): a reader never sees half a file."""
+    cpu = {k: _contiguous_cpu(v) for k, v in tensors.items()}
+    meta = dict(metadata) if metadata else None
+    return write_file_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
 
 
 def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +125,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, modules: Mapping[str, tor
     ckpt_root = Path(run_dir) / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": int(step),
                             "modules": sorted(modules), "optimizers": {},
@@ -159,13 +139,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, modules: Mapping[str, tor
     for key, value in (extra_tensors or {}).items():
         tensors[f"extra.{key}"] = _contiguous_cpu(value)
     tensors.update({k: _contiguous_cpu(v) for k, v in rng_state().items()})
-    save_file(tensors, str(tmp / "state.safetensors"),
-              metadata={"format": "deeprecon-checkpoint", "step": str(step)})
-    write_json_atomic(tmp / "state.json", meta)
     final = ckpt_root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with staged_folder(final) as tmp:   # published whole, replacing one of the same step
+        save_file(tensors, str(tmp / "state.safetensors"),
+                  metadata={"format": "deeprecon-checkpoint", "step": str(step)})
+        write_json_atomic(tmp / "state.json", meta)
     write_json_atomic(ckpt_root / LATEST, {"name": name, "step": int(step)})
     done = sorted(p for p in ckpt_root.glob("ckpt-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
@@ -389,6 +367,6 @@ def check_new_run_dir(run_dir: Path, *, resume: bool) -> None:
 
 
 __all__ = ["CheckpointError", "save_safetensors_atomic", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "read_state", "save_model", "load_model", "write_json_atomic",
+           "read_state", "save_model", "load_model",
            "check_new_run_dir", "save_compact", "load_compact", "model_modules", "MODEL_FILE", "COMPACT_FILE",
            "FORMAT_VERSION"]

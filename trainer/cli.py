@@ -114,7 +114,9 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
     """Run one training stage (the Python API behind the command). Returns the stage's
     summary (also written to OUT/summary.json)."""
     _require_training_deps(lpips_weights)
-    from .checkpoint import check_new_run_dir, write_json_atomic
+    from deeprecon.runtime.publish import write_json_atomic
+
+    from .checkpoint import check_new_run_dir
     from .config import get_preset
     from .distributed import barrier, init_distributed, shutdown
     from .run import RunContext, config_with_overrides

@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from deeprecon.runtime.errors import UsageError
+from deeprecon.runtime.publish import write_json_atomic
 
-from .checkpoint import MODEL_FILE, CheckpointError, load_model, write_json_atomic
+from .checkpoint import MODEL_FILE, CheckpointError, load_model
 from .config import ModelConfig, from_dict, to_dict
 from .distributed import DistInfo
 

@@ -1,4 +1,4 @@
-"""The HTML report of an output folder: one self-contained, offline page.
+"""``report.html``: the HTML report of an output folder, one self-contained, offline page.
 
 ``report.html`` needs no network and no script: inline CSS, no JavaScript, no
 ``http(s)://`` or protocol-relative (``//``) address anywhere; the pictures are referenced
@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
-from .errors import UsageError
-from .measures import MEASURE_COLUMNS, PLAUSIBLE_RANGES
-from .outputs import MOTION_KIND, all_warnings, frame_ids, inversion_summary
-from .outputs import run_report as build_run_report
-from .outputs import study_summary
-from .result import Result
+from ..errors import UsageError
+from ..measures import MEASURE_COLUMNS, PLAUSIBLE_RANGES
+from ..result import MOTION_KIND, Result, all_warnings, frame_ids
+from .run_report import inversion_summary
+from .run_report import run_report as build_run_report
+from .run_report import study_summary
 
 REPORT_NAME = "report.html"
 #: plausibility flags listed in the report's warning box (the rest are counted)
