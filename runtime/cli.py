@@ -337,33 +337,35 @@ def cohort_cmd(
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
     num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the cohort into this many parts (run one process per part)."),
     part_id: int = typer.Option(0, "--part-id", min=0, help="Which part this process runs (0 .. num-parts - 1)."),
+    engine: str = typer.Option("local", "--engine", help="local (one study after the other here) or ray (Ray Data actors, each loading the bundle once)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address for --engine ray (e.g. ray://head:10001 or auto; default: start a local Ray)."),
+    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="Actors (bundle copies) for --engine ray, one CPU each."),
 ):
     """Reconstruct every study of a folder with the model loaded once: one output folder
     per study, finished studies skipped, a failing study recorded and the run going on,
     and a summary CSV. Exit 0 when every study is done, 1 when some failed."""
-    from deeprecon.runtime.cohort import part_of, run_cohort
-    from deeprecon.runtime.io import check_acquisition, load_study
-    from deeprecon.runtime.outputs import write_outputs
+    import functools
+
+    from deeprecon.runtime.cohort import ENGINES, CohortWorker, part_of, run_cohort
 
     if fast and steps is not None:
         raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}", hint=f"known: {', '.join(ENGINES)}")
     part_of([], num_parts, part_id)  # the part arguments, before the bundle is opened
-    with _open_reconstructor(bundle, backend, device) as rec:
-        def process(path: Path, study_out: Path) -> None:
-            study = check_acquisition(load_study(path))
-            result = rec.reconstruct(study, steps=0 if fast else steps, interp=interp,
-                                     phases=phases, batch=batch)
-            write_outputs(result, study_out)
+    worker = functools.partial(CohortWorker, bundle, backend, device, steps=0 if fast else steps,
+                               interp=interp, phases=phases, batch=batch)
 
-        def on_study(done: int, total: int, outcome) -> None:
-            if _verbosity["level"] <= logging.INFO:
-                typer.echo(f"[{done}/{total}] {outcome.name}: {outcome.status}"
-                           + (f" (exit {outcome.exit_code}: {outcome.message})"
-                              if outcome.status == "failed" else ""), err=True)
+    def on_study(done: int, total: int, outcome) -> None:
+        if _verbosity["level"] <= logging.INFO:
+            typer.echo(f"[{done}/{total}] {outcome.name}: {outcome.status}"
+                       + (f" (exit {outcome.exit_code}: {outcome.message})"
+                          if outcome.status == "failed" else ""), err=True)
 
-        outcomes, summary, warnings = run_cohort(input_dir, out, process=process,
-                                                 num_parts=num_parts, part_id=part_id,
-                                                 on_study=on_study)
+    outcomes, summary, warnings = run_cohort(input_dir, out, worker=worker, num_parts=num_parts,
+                                             part_id=part_id, engine=engine,
+                                             ray_address=ray_address, ray_actors=ray_actors,
+                                             on_study=on_study)
     for w in warnings:
         log.warning("%s", w)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}

@@ -16,6 +16,13 @@
 - A failing study is recorded with its exit code and one-line message, and the run
   goes on; KeyboardInterrupt / SIGTERM stop the run (the study in progress leaves no
   partial output, as with ``reconstruct``).
+- Engines: ``local`` runs the studies one after the other in this process;
+  ``ray`` runs the same :class:`CohortWorker` on Ray Data (``map_batches`` over an
+  actor pool, one study per batch, so each actor opens the bundle once; the worker
+  catches every study's error itself, because Ray Data fails the whole job on one
+  errored block). ``address`` is a Ray cluster's (``ray://host:10001`` or ``auto``);
+  none starts a local Ray instance. Every worker reads INPUT_DIR and writes OUT_DIR by
+  path, so on a cluster both must be on storage every node mounts.
 - The summary, ``cohort_summary.csv`` (``cohort_summary.part{I}-of-{N}.csv`` for a
   part), one row per study of this run: status (done / skipped / failed), exit code,
   message, seconds, number of plausibility flags, and the native and high-resolution
@@ -34,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import DeepreconError, ExitCode, NoInputError, UsageError
+from .errors import DeepreconError, ExitCode, NoInputError, UnavailableError, UsageError
 from .io.nifti import is_label_name, is_nifti, nifti_stem
 from .io.validate import special_file
 from .measures import MEASURE_COLUMNS
@@ -54,7 +61,7 @@ class StudyOutcome:
     name: str
     input: Path
     output: Path
-    status: str                      # one of STATUSES
+    status: str                      # one of STATUSES ("pending" before it ran)
     exit_code: int = 0
     message: str = ""
     seconds: float = 0.0
@@ -149,73 +156,180 @@ def _read_measures(out: Path) -> tuple[dict[str, dict[str, Any]], int | None]:
 
 def _write_summary(path: Path, outcomes: Sequence[StudyOutcome]) -> None:
     """The summary CSV, replaced atomically (empty cells for None and NaN)."""
-    from .outputs import _csv_value  # the one CSV number format of the outputs
+    from .outputs.tables import csv_value  # the one CSV number format of the outputs
 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SUMMARY_COLUMNS)
     for o in outcomes:
         r = o.row()
-        w.writerow([_csv_value(r[c]) for c in SUMMARY_COLUMNS])
+        w.writerow([csv_value(r[c]) for c in SUMMARY_COLUMNS])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
 
 
-def run_cohort(input_dir: str | Path, out_dir: str | Path, *,
-               process: Callable[[Path, Path], None], num_parts: int = 1, part_id: int = 0,
+class CohortWorker:
+    """Opens the bundle once and processes studies: load, acquisition check,
+    reconstruct, write the output folder. ``run_one`` never raises for a study's
+    failure: it returns (status, exit code, message, seconds).
+
+    bundle, backend, device: as :class:`~deeprecon.runtime.pipeline.Reconstructor`;
+    options: ``Reconstructor.reconstruct`` keywords (steps, interp, phases, batch, ...).
+    Also the callable class of the Ray engine: ``worker(batch)`` with columns "input" and
+    "output" returns the batch with "status", "exit_code", "message", "seconds".
+    """
+
+    def __init__(self, bundle: str | Path | None, backend: str = "auto", device: str = "auto",
+                 **options: Any):
+        from .pipeline import Reconstructor
+
+        self.rec = Reconstructor(bundle, backend=backend, device=device)
+        self.options = options
+
+    def close(self) -> None:
+        self.rec.close()
+
+    def process(self, path: Path, out: Path) -> None:
+        from .io import check_acquisition, load_study
+        from .outputs import write_outputs
+
+        study = check_acquisition(load_study(path))
+        write_outputs(self.rec.reconstruct(study, **self.options), out)
+
+    def run_one(self, path: Path, out: Path) -> tuple[str, int, str, float]:
+        t0 = time.perf_counter()
+        try:
+            self.process(path, out)
+            status, code, message = "done", 0, ""
+        except DeepreconError as e:
+            status, code, message = "failed", int(e.exit_code), " ".join(e.message.split())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except MemoryError:
+            status, code, message = ("failed", int(ExitCode.OUT_OF_MEMORY),
+                                     "out of memory: the study is too large for this machine's memory")
+        except Exception as e:  # noqa: BLE001 - one broken study must not end the run
+            log.debug("%s: internal error", path, exc_info=True)
+            status, code, message = ("failed", int(ExitCode.INTERNAL),
+                                     f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
+        return status, code, message, time.perf_counter() - t0
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        rows = [self.run_one(Path(i), Path(o)) for i, o in zip(batch["input"], batch["output"])]
+        return {**batch, "status": np.array([r[0] for r in rows]),
+                "exit_code": np.array([r[1] for r in rows], dtype=np.int64),
+                "message": np.array([r[2] for r in rows]),
+                "seconds": np.array([r[3] for r in rows], dtype=np.float64)}
+
+
+ENGINES = ("local", "ray")
+
+
+def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: Callable[[], CohortWorker],
+               num_parts: int = 1, part_id: int = 0, engine: str = "local",
+               ray_address: str | None = None, ray_actors: int = 1,
                on_study: Callable[[int, int, StudyOutcome], None] | None = None
                ) -> tuple[list[StudyOutcome], Path, list[str]]:
-    """Run ``process(study_path, output_folder)`` on every study of this part that has no
-    finished output yet; a DeepreconError or any other exception of one study is
-    recorded (exit code and message; 70 for an internal error) and the run goes on.
+    """Process every study of this part that has no finished output yet (see the module
+    docstring); one study's failure is recorded (exit code and message; 70 for an
+    internal error) and the run goes on.
 
-    process:  loads, reconstructs and writes one study (the CLI passes one that uses a
-              Reconstructor opened once).
-    on_study: called as ``on_study(done, total, outcome)`` after each study.
+    worker:   builds the :class:`CohortWorker` (called once for the local engine; the
+              Ray engine calls it in each actor, so it must be picklable, e.g. a
+              ``functools.partial(CohortWorker, ...)``).
+    engine:   "local" or "ray"; ray_address, ray_actors: the Ray cluster and the actor
+              pool size.
+    on_study: called as ``on_study(done, total, outcome)`` after each study (local) or
+              for each study once all are back (ray).
     Returns (outcomes, summary CSV path, warnings of the listing).
     """
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}", hint=f"known: {', '.join(ENGINES)}")
     studies, warnings = list_studies(input_dir)
     mine = part_of(studies, num_parts, part_id)
     out_root = Path(out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     summary = summary_path(out_root, num_parts, part_id)
-    outcomes: list[StudyOutcome] = []
-    for k, path in enumerate(mine):
-        name = study_name(path)
-        out = out_root / name
-        t0 = time.perf_counter()
-        if _finished(out):
-            outcome = StudyOutcome(name, path, out, "skipped")
+    outcomes = [StudyOutcome(study_name(p), p, out_root / study_name(p), "pending") for p in mine]
+    todo = []
+    for o in outcomes:
+        if _finished(o.output):
+            o.status = "skipped"
         else:
-            try:
-                process(path, out)
-                outcome = StudyOutcome(name, path, out, "done")
-            except DeepreconError as e:
-                outcome = StudyOutcome(name, path, out, "failed", int(e.exit_code),
-                                       " ".join(e.message.split()))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except MemoryError:
-                outcome = StudyOutcome(name, path, out, "failed", int(ExitCode.OUT_OF_MEMORY),
-                                       "out of memory: the study is too large for this machine's memory")
-            except Exception as e:  # noqa: BLE001 - one broken study must not end the run
-                log.debug("%s: internal error", name, exc_info=True)
-                outcome = StudyOutcome(name, path, out, "failed", int(ExitCode.INTERNAL),
-                                       f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
-        outcome.seconds = time.perf_counter() - t0
-        if outcome.status != "failed":
-            outcome.measures, outcome.flags = _read_measures(out)
-        outcomes.append(outcome)
-        _write_summary(summary, outcomes)
-        log.info("%s: %s%s (%.1f s)", name, outcome.status,
-                 f", exit {outcome.exit_code}: {outcome.message}" if outcome.status == "failed" else "",
-                 outcome.seconds)
-        if on_study is not None:
-            on_study(k + 1, len(mine), outcome)
-    _write_summary(summary, outcomes)
+            todo.append(o)
+    done = [o for o in outcomes if o.status == "skipped"]
+
+    def finish(o: StudyOutcome, status: str, code: int, message: str, seconds: float) -> None:
+        o.status, o.exit_code, o.message, o.seconds = status, code, message, seconds
+        done.append(o)
+        log.info("%s: %s%s (%.1f s)", o.name, status,
+                 f", exit {code}: {message}" if status == "failed" else "", seconds)
+
+    if engine == "local":
+        w = worker() if todo else None
+        try:
+            for o in todo:
+                finish(o, *w.run_one(o.input, o.output))
+                _write_summary(summary, _read_back(done))
+                if on_study is not None:
+                    on_study(len(done), len(outcomes), o)
+        finally:
+            if w is not None:
+                w.close()
+    elif todo:
+        for o, row in zip(todo, _run_on_ray(todo, worker, ray_address, ray_actors)):
+            finish(o, str(row["status"]), int(row["exit_code"]), str(row["message"]),
+                   float(row["seconds"]))
+            if on_study is not None:
+                on_study(len(done), len(outcomes), o)
+    _write_summary(summary, _read_back(outcomes))
     return outcomes, summary, warnings
 
 
-__all__ = ["StudyOutcome", "SUMMARY_COLUMNS", "list_studies", "part_of", "run_cohort",
-           "study_name", "summary_path"]
+def _read_back(outcomes: Sequence[StudyOutcome]) -> list[StudyOutcome]:
+    """The outcomes with the measures of each finished study read from its output."""
+    for o in outcomes:
+        if o.status in ("done", "skipped") and not o.measures:
+            o.measures, o.flags = _read_measures(o.output)
+    return list(outcomes)
+
+
+def _run_on_ray(todo: Sequence[StudyOutcome], worker: Callable[[], CohortWorker],
+                address: str | None, actors: int) -> list[dict[str, Any]]:
+    """The studies through Ray Data: one study per batch, an actor pool of ``actors``
+    workers; rows come back in the order of ``todo``."""
+    try:
+        import ray
+    except ImportError:
+        raise UnavailableError("the ray engine needs Ray, which is not installed",
+                               hint="pip install 'deeprecon-rt[cohort]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        items = [{"key": k, "input": str(o.input), "output": str(o.output)} for k, o in enumerate(todo)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        rows = ds.map_batches(_RayWorker, fn_constructor_args=(worker,), batch_size=1,
+                              concurrency=actors, num_cpus=1).take_all()
+    finally:
+        if started:
+            ray.shutdown()
+    return sorted(rows, key=lambda r: int(r["key"]))
+
+
+class _RayWorker:
+    """A Ray Data actor: builds its CohortWorker once, then processes batches."""
+
+    def __init__(self, worker: Callable[[], CohortWorker]):
+        self.worker = worker()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.worker(batch)
+
+
+__all__ = ["CohortWorker", "ENGINES", "StudyOutcome", "SUMMARY_COLUMNS", "list_studies",
+           "part_of", "run_cohort", "study_name", "summary_path"]

@@ -84,3 +84,23 @@ def test_cohort_in_two_parts_then_resumed(cohort, tiny_bundle, tmp_path, capsys)
     assert whole["sub9"]["status"] == "failed"
     assert whole["sub0"]["hr LVEDV (mL)"] == part0["sub0"]["hr LVEDV (mL)"]  # read back
     assert "4 skipped (finished before), 1 failed" in capsys.readouterr().out
+
+
+def test_cohort_on_ray_gives_what_the_local_engine_gives(cohort, tiny_bundle, tmp_path):
+    """--engine ray on a local Ray instance: the same statuses, exit codes and measures
+    as the local engine (K = 0 is deterministic), one actor loading the bundle once."""
+    import ray  # noqa: F401  (the [test] extra installs it: its absence fails the test)
+
+    runs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        code = run(["cohort", str(cohort), "-o", str(out), "--bundle", str(tiny_bundle), "--fast",
+                    "--backend", "torch", "--device", "cpu", "--engine", engine, "--ray-actors", "1"])
+        assert code == ExitCode.PARTIAL
+        runs[engine] = _summary(out / "cohort_summary.csv")
+    local, on_ray = runs["local"], runs["ray"]
+    assert set(local) == set(on_ray)
+    for name in local:
+        for col in ("status", "exit_code", "message", "flags", "hr LVEDV (mL)", "native LVEF (%)"):
+            assert local[name][col] == on_ray[name][col], (name, col)
+    assert on_ray["sub9"]["status"] == "failed" and on_ray["sub9"]["exit_code"] == "65"
