@@ -447,7 +447,8 @@ def _subset_phases(study: Study, phases: tuple[int, ...]) -> Study:
                  ed_phase=remap(study.ed_phase), es_phase=remap(study.es_phase),
                  series_uid=study.series_uid, description=study.description,
                  source=study.source, source_format=study.source_format,
-                 info=dict(study.info), warnings=list(study.warnings))
+                 info=dict(study.info), warnings=list(study.warnings),
+                 image_refs=None if study.image_refs is None else [study.image_refs[p] for p in idx])
 
 
 __all__ = ["Reconstructor", "parse_phases", "default_interp", "default_interp_reason",

@@ -119,6 +119,9 @@ class Study:
     labels:        [P, S, H, W] uint8 in the project's convention (LABELS) or None.
     phase_ids:     per phase, the source's frame number (ACDC frame, DICOM phase index).
     ed_phase, es_phase: indices into the phase axis, when the source says so.
+    image_refs:    DICOM sources only: per phase and slice, (file path, frame index in a
+                   multi-frame file or None) of the image it came from, [P][S] (what a
+                   DICOM SEG output references).
     """
 
     images: np.ndarray
@@ -134,6 +137,7 @@ class Study:
     source_format: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    image_refs: list[list[tuple[str, int | None]]] | None = None
 
     def __post_init__(self):
         self.images = np.asarray(self.images, dtype=np.float32)
@@ -155,6 +159,9 @@ class Study:
             raise ValueError(f"trigger_times must be [{P}], got {self.trigger_times.shape}")
         if self.phase_ids is None:
             self.phase_ids = list(range(P))
+        if self.image_refs is not None and (len(self.image_refs) != P
+                                            or any(len(r) != S for r in self.image_refs)):
+            raise ValueError(f"image_refs must be [{P}][{S}]")
 
     @property
     def n_phases(self) -> int:

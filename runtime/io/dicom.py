@@ -862,9 +862,10 @@ def _build(frames: list[_Frame], *, root: Path, uids: list[str], skipped: list[t
                  "n_images": P * S})
     description = first.description if len(uids) == 1 else (
         os.path.commonprefix([f.description for f in frames]).strip() or first.description)
+    refs = [[(str(fs[p].path), fs[p].frame) for _, fs in slices] for p in range(P)]
     study = Study(images=images, geometry=geometry, trigger_times=trigger_times,
                   phase_ids=list(range(P)), series_uid=",".join(uids), description=description,
-                  source=str(root), source_format="dicom", info=info)
+                  source=str(root), source_format="dicom", info=info, image_refs=refs)
     for w in warnings:
         add_warning(study, w)
     return study
