@@ -276,8 +276,15 @@ def _print_summary(result, out: Path, as_json: bool) -> None:
                + f" (total {total:.2f} s)")
 
 
-_BUNDLE_HELP = ("Model bundle folder (default: $DEEPRECON_BUNDLE when set, else the reference "
-                "bundle shipped with the package).")
+def _shipped_default() -> str:
+    """What --bundle defaults to after $DEEPRECON_BUNDLE, true to this installation."""
+    from deeprecon.runtime.bundle import MANIFEST, SHIPPED_BUNDLE
+
+    return ("the reference bundle shipped with the package" if (SHIPPED_BUNDLE / MANIFEST).is_file()
+            else "none: no reference bundle ships with this version yet")
+
+
+_BUNDLE_HELP = f"Model bundle folder (default: $DEEPRECON_BUNDLE when set, else {_shipped_default()})."
 _DEVICE_HELP = ("auto, cpu, cuda or cuda:N. auto: CUDA when the backend sees a CUDA device, "
                 "else the CPU; a device that cannot be used is an error (never a fallback).")
 _BACKEND_HELP = ("auto, onnxruntime or torch. auto: onnxruntime when it is installed and the "
@@ -410,7 +417,7 @@ def adapt_motion_cmd(
 
 @bundle_app.command("info")
 def bundle_info(
-    path: Optional[Path] = typer.Argument(None, help="Bundle folder (default: $DEEPRECON_BUNDLE when set, else the shipped reference bundle)."),
+    path: Optional[Path] = typer.Argument(None, help=f"Bundle folder (default: $DEEPRECON_BUNDLE when set, else {_shipped_default()})."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Check a model bundle (every file's SHA-256) and describe it: networks, graphs, preprocessing, inversion defaults."""

@@ -30,6 +30,21 @@ def test_help_and_version():
     assert out.startswith("deeprecon-rt ")
 
 
+def test_help_is_true_to_what_ships():
+    """--bundle's help names the shipped bundle only when one ships; the commands and the
+    input conventions (-i, -o/--output, several inputs, cohort) are listed."""
+    from deeprecon.runtime.bundle import MANIFEST, SHIPPED_BUNDLE
+
+    rc, out, _ = cli("reconstruct", "--help", check_rc=0)
+    text = " ".join(out.replace("│", " ").split())
+    ships = (SHIPPED_BUNDLE / MANIFEST).is_file()
+    assert ("no reference bundle ships with this version yet" in text) != ships
+    for phrase in ("--input", "--output", "--phase-names", "ED.nii.gz ES.nii.gz", "--device"):
+        assert phrase in text, phrase
+    rc, out, _ = cli("--help", check_rc=0)
+    assert "cohort" in out and "reconstruct" in out
+
+
 def test_usage_errors_exit_2():
     assert cli("no-such-command")[0] == 2
     assert cli("study", "info")[0] == 2          # missing PATH
