@@ -80,7 +80,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from deeprecon.runtime.errors import UsageError
+from deeprecon.runtime.errors import UnavailableError, UsageError
 from deeprecon.runtime.measures import MYOCARDIAL_DENSITY_G_PER_ML
 from deeprecon.runtime.study import LABELS, Geometry, Study, volume_to_sitk
 
@@ -838,7 +838,8 @@ def write_phantom(phantom: Phantom, out_dir: str | Path, *, preview: bool = Fals
       z spacing = the plane's thickness);
     - ``phantom.json``: configuration, seed, ED/ES phase, trigger times, exact volumes and
       measures, shifts, geometry, LAX plane geometry, file list;
-    - with ``preview=True``, ``preview.png`` (see :func:`save_phantom_preview`).
+    - with ``preview=True``, ``preview.png`` (see :func:`save_phantom_preview`), when
+      matplotlib (the ``report`` extra) is installed; else a warning says so.
     """
     import SimpleITK as sitk
 
@@ -870,9 +871,17 @@ def write_phantom(phantom: Phantom, out_dir: str | Path, *, preview: bool = Fals
         write(f"lax_{name}_gt", f"lax/{name}_gt.nii.gz",
               volume_to_sitk(plane.labels[:, None], plane.geometry, slice_spacing=th, dt_ms=dt))
     if preview:
-        path = out / "preview.png"
-        save_phantom_preview(phantom, path)
-        files["preview"] = str(path)
+        from deeprecon.runtime.qc import check_drawing
+
+        try:
+            check_drawing()
+        except UnavailableError as e:
+            log.warning("no preview.png: %s (pip install 'deeprecon-rt[report]'); the "
+                        "phantom itself is complete", e.message)
+        else:
+            path = out / "preview.png"
+            save_phantom_preview(phantom, path)
+            files["preview"] = str(path)
     json_path = out / "phantom.json"
     files["json"] = str(json_path)
     json_path.write_text(json.dumps(phantom_manifest(phantom, files, root=out), indent=2))

@@ -3,20 +3,23 @@ long-axis-like cuts through SAX stacks (:func:`save_long_axis_cuts`) and volume 
 the cardiac cycle (:func:`save_volume_curves`).
 
 Used for the phantom's preview and for the pipeline's QC pictures (see
-:mod:`deeprecon.runtime.outputs`). Rendering uses
-matplotlib's Agg backend only (no display, no network).
+:mod:`deeprecon.runtime.outputs.pictures`). Rendering uses matplotlib's Agg backend only
+(no display, no network). matplotlib and Pillow are the ``report`` extra: the module
+imports without them, and :func:`check_drawing` says what is missing.
 
 Label colours follow the Okabe-Ito colour-blind-safe palette: LV cavity vermillion
 (#D55E00), LV myocardium bluish green (#009E73), RV cavity sky blue (#56B4E9).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from deeprecon.runtime.errors import UnavailableError
 from deeprecon.runtime.study import LABELS, Study
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,26 @@ log = logging.getLogger(__name__)
 LABEL_COLOURS: dict[int, str] = {1: "#D55E00", 2: "#009E73", 3: "#56B4E9"}
 # contours are drawn in this order, so the cavity outlines lie on top of the myocardium's
 _DRAW_ORDER = (2, 3, 1)
+
+
+#: what drawing imports: module -> distribution
+_DRAWING = {"matplotlib": "matplotlib", "PIL": "Pillow"}
+
+
+def check_drawing() -> None:
+    """Raise UnavailableError (exit 69) naming the ``report`` extra when matplotlib or
+    Pillow cannot be imported here; return when pictures can be drawn."""
+    missing = []
+    for module, dist in _DRAWING.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    if missing:
+        one = len(missing) == 1
+        raise UnavailableError(
+            f"{' and '.join(missing)} {'is' if one else 'are'} not installed, and the "
+            f"pictures need {'it' if one else 'them'}", hint="pip install 'deeprecon-rt[report]'")
 
 
 class PlaneView(NamedTuple):

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundles import tiny_networks  # noqa: E402
-from test_packaging import BLOCK_TORCH  # noqa: E402
+from test_packaging import block_modules  # noqa: E402
 
 from deeprecon.export.bundle import random_networks  # noqa: E402
 from deeprecon.export.vjp import (EncoderVJP, GeneratorVJP, HybridGrad,  # noqa: E402
@@ -209,25 +209,38 @@ def test_backend_and_device_selection(tiny_bundle, tmp_path):
 
 
 def test_reconstruct_with_inversion_without_torch(tiny_bundle, tmp_path):
-    """`pip install deeprecon-rt[onnx]` without torch: reconstruct with K > 0 runs on
-    the onnxruntime backend, and torch is never imported."""
+    """`pip install 'deeprecon-rt[cli,onnx]'`, no torch and no matplotlib: reconstruct
+    with K > 0 runs on the onnxruntime backend and writes every output but the QC
+    pictures, with one warning naming the report extra (log, run report, HTML report);
+    torch and matplotlib are never imported."""
+    from deeprecon.runtime.outputs import verify_outputs
     from deeprecon.runtime.phantom import make_phantom, write_phantom
 
     write_phantom(make_phantom(slices=5, phases=2, seed=3, matrix=(64, 72),
                                pixel_spacing_mm=3.0), tmp_path / "study", preview=False)
     out = tmp_path / "out"
-    code = BLOCK_TORCH + (
+    code = block_modules("torch", "matplotlib", "PIL") + (
         "from deeprecon.runtime.cli import run\n"
         f"rc = run(['reconstruct', {str(tmp_path / 'study')!r}, '-o', {str(out)!r}, "
         f"'--bundle', {str(tiny_bundle)!r}, '--steps', '3', '--interp', '1', '--json'])\n"
         "assert rc == 0, rc\n"
-        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+        "bad = [m for m in sys.modules if m.partition('.')[0] in ('torch', 'matplotlib', 'PIL')]\n"
         "assert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=600, cwd="/")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
     summary = json.loads(p.stdout[p.stdout.index("{"):])
     assert summary["timings_s"]["invert"] > 0
     report = json.loads((out / "run_report.json").read_text())
     assert report["backend"] == "onnxruntime" and report["device"] == "cpu"
     assert report["inversion"]["settings"]["steps"] == 3 and report["inversion"]["steps_max"] >= 1
+    files = set(verify_outputs(out)["files"])
+    assert {"measures.csv", "measures.json", "report.html", "run_report.json",
+            "segmentation"} <= {f.split("/")[0] for f in files}
+    assert not [f for f in files if f.startswith("qc/")]
+    warned = [w for w in report["warnings"] if w.startswith("no QC pictures")]
+    assert len(warned) == 1 and "matplotlib" in warned[0] and "deeprecon-rt[report]" in warned[0]
+    assert warned[0] in p.stderr
+    import html
+    assert html.escape(warned[0]) in (out / "report.html").read_text()

@@ -1,9 +1,12 @@
 """The distribution: editable install and built wheel both import `deeprecon.*`; the
-runtime core imports without torch; a reference bundle placed in runtime/models/reference
-ships in the wheel (checked with a fake bundle in a temporary copy of the tree: nothing
-is written into the tree, and the real bundle need not exist)."""
+runtime core imports without torch; the lean install (core + onnx: no torch, matplotlib,
+typer or rich) runs `study info`'s code path and the console script says which extra it
+lacks; a reference bundle placed in runtime/models/reference ships in the wheel (checked
+with a fake bundle in a temporary copy of the tree: nothing is written into the tree, and
+the real bundle need not exist)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,19 +27,28 @@ CORE_MODULES = [
     "deeprecon.runtime.outputs.volumes", "deeprecon.runtime.outputs.tables",
     "deeprecon.runtime.outputs.pictures", "deeprecon.runtime.outputs.run_report",
     "deeprecon.runtime.outputs.html_report", "deeprecon.runtime.publish",
-    "deeprecon.runtime.signals", "deeprecon.runtime.jsonsafe",
+    "deeprecon.runtime.signals", "deeprecon.runtime.jsonsafe", "deeprecon.runtime.console",
     "deeprecon.runtime.inversion", "deeprecon.runtime.backends.base",
     "deeprecon.runtime.backends.onnxruntime_backend", "deeprecon.cpp_ext.numpy_ops",
 ]
+#: what the lean install (the core dependencies and the onnx extra) does not have
+NOT_LEAN = ("torch", "matplotlib", "PIL", "typer", "rich")
 
-BLOCK_TORCH = """
+
+def block_modules(*names: str) -> str:
+    """Python source that makes ``names`` and their submodules unimportable in the process
+    that runs it (as if not installed): how these tests stand in for a smaller install."""
+    return f"""
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
+        if name.partition(".")[0] in {tuple(names)!r}:
+            raise ModuleNotFoundError(f"{{name}} is blocked in this test", name=name)
 sys.meta_path.insert(0, Block())
 """
+
+
+BLOCK_TORCH = block_modules("torch")
 
 
 #: a fake reference bundle: the kinds of file a real one holds, in its sub-folders
@@ -104,6 +116,67 @@ def test_runtime_core_imports_without_torch():
     p = _py(code, cwd="/")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "ok"
+
+
+def test_lean_install_runs_study_info(tmp_path):
+    """Only the core and the onnx extra: the whole runtime imports, a phantom is written
+    (its preview left out with a warning naming the report extra) and study info's code
+    path (load, acquisition check, describe) prints the study; with the cli extra back,
+    `study info --json` runs through the CLI. torch and matplotlib are never imported."""
+    code = block_modules(*NOT_LEAN) + "".join(
+        f"import {m}\n" for m in CORE_MODULES if m != "deeprecon.runtime.cli") + (
+        "import json, logging\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from deeprecon.runtime.phantom import make_phantom, write_phantom\n"
+        "from deeprecon.runtime.io import check_acquisition, load_study\n"
+        "ph = make_phantom(slices=4, phases=2, seed=0, matrix=(40, 40), pixel_spacing_mm=3.0)\n"
+        f"files = write_phantom(ph, {str(tmp_path / 'study')!r}, preview=True)\n"
+        "assert 'preview' not in files, files\n"
+        f"desc = check_acquisition(load_study({str(tmp_path / 'study')!r})).describe()\n"
+        "print(json.dumps(desc))\n"
+        f"bad = [m for m in sys.modules if m.partition('.')[0] in {NOT_LEAN!r}]\n"
+        "assert not bad, bad\n")
+    p = _py(code, cwd="/")
+    assert p.returncode == 0, p.stderr[-3000:]
+    desc = json.loads(p.stdout)
+    assert (desc["format"], desc["phases"], desc["slices"], desc["matrix"]) == ("nifti", 2, 4, [40, 40])
+    assert "no preview.png" in p.stderr and "deeprecon-rt[report]" in p.stderr
+    assert not (tmp_path / "study" / "preview.png").exists()
+    # the cli extra installed, torch and matplotlib still absent: the command itself
+    code = block_modules("torch", "matplotlib", "PIL") + (
+        "from deeprecon.runtime.cli import run\n"
+        f"rc = run(['study', 'info', {str(tmp_path / 'study')!r}, '--json'])\n"
+        "assert rc == 0, rc\n"
+        "bad = [m for m in sys.modules if m.partition('.')[0] in ('torch', 'matplotlib', 'PIL')]\n"
+        "assert not bad, bad\n")
+    p = _py(code, cwd="/")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout) == desc
+
+
+@pytest.mark.parametrize("blocked", [("typer",), ("rich",), ("typer", "rich")])
+def test_console_script_without_cli_extra_says_so(blocked):
+    """`deeprecon-rt` without typer or rich: one line naming the extra, exit 69, no
+    traceback (the console script is runtime/console.py's main)."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["deeprecon-rt"] == "deeprecon.runtime.console:main"
+    p = _py(block_modules(*blocked) + "sys.argv = ['deeprecon-rt', 'study', 'info', '.']\n"
+            "from deeprecon.runtime.console import main\nmain()\n", cwd="/")
+    assert p.returncode == 69, p.stderr
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("deeprecon-rt: error: the command line needs " + " and ".join(blocked))
+    assert lines[0].endswith("pip install 'deeprecon-rt[cli]'")
+
+
+def test_console_script_runs_the_cli():
+    p = subprocess.run([sys.executable, "-m", "deeprecon.runtime.console", "--version"],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("deeprecon-rt ")
 
 
 def test_reconstruct_without_torch_names_what_is_missing(tiny_bundle):

@@ -24,14 +24,19 @@ Results) the arrays are the adapted sequence and ``result.study`` is the adapted
 the source's native grid, its frame numbers with the target's); ``adapted/`` and
 ``qc/volume_curves_motion.png`` are added, and measures.csv has the rows
 "source/native", "source/hr", "target/native", "target/hr" too.
+
+Without matplotlib every output but the pictures is written; the run report and the HTML
+report carry a warning naming the extra (``pip install 'deeprecon-rt[report]'``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import UnavailableError
 from ..result import MOTION_KIND, Result
 from . import pictures, tables, volumes
 from .folder import (MANIFEST_NAME, OUTPUTS_FORMAT, OUTPUTS_SCHEMA, check_output_dir,
@@ -45,6 +50,18 @@ log = logging.getLogger(__name__)
 Progress = Optional[Callable[[str, int, int], None]]
 
 
+def _pictures_unavailable() -> str | None:
+    """The warning to record when the QC pictures cannot be drawn here, else None."""
+    from ..qc import check_drawing
+
+    try:
+        check_drawing()
+    except UnavailableError as e:
+        return (f"no QC pictures: {e.message}; every other output was written (install the "
+                f"report extra: pip install 'deeprecon-rt[report]')")
+    return None
+
+
 def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True,
                   progress: Progress = None) -> Path:
     """Write every output of ``result`` into ``out_dir`` atomically (layout: see the
@@ -55,7 +72,8 @@ def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True
     progress:  called as ``progress("outputs", done, total)`` after each step.
     Returns the output folder's path. Raises UsageError for a folder that must not be
     replaced or a Result whose arrays do not fit its study; any error leaves ``out_dir``
-    as it was and no staging folder behind.
+    as it was and no staging folder behind. Without matplotlib the QC pictures are left
+    out with a warning (logged, and in run_report.json and report.html).
     """
     t0 = time.perf_counter()
     created = utc_now()
@@ -63,7 +81,13 @@ def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True
         ("segmentation", volumes.write_segmentation), ("hr", volumes.write_hr)]
     if result.kind == MOTION_KIND:
         steps.append(("adapted", volumes.write_adapted))
-    steps += [("measures", tables.write_measures), ("pictures", pictures.write_pictures)]
+    steps.append(("measures", tables.write_measures))
+    no_pictures = _pictures_unavailable()
+    if no_pictures is None:
+        steps.append(("pictures", pictures.write_pictures))
+    else:
+        log.warning("%s", no_pictures)
+        result = dataclasses.replace(result, warnings=[*result.warnings, no_pictures])
     total = len(steps) + 3
     done = 0
 

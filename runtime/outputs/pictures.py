@@ -1,4 +1,5 @@
-"""The QC pictures of an output folder (drawn by :mod:`deeprecon.runtime.qc`)::
+"""The QC pictures of an output folder (drawn by :mod:`deeprecon.runtime.qc`; they need
+matplotlib, the ``report`` extra)::
 
     qc/volume_curves.png             LV and RV cavity volume over the phases (native, hr)
     qc/overlay_native_N.png          native slices with the segmentation's contours (rows ED,
@@ -66,9 +67,12 @@ def _slice_groups(labels: np.ndarray, phases: list[int]) -> list[list[int]]:
 
 
 def write_pictures(result: Result, stage: Path) -> dict[str, Any]:
-    """qc/*.png; returns {picture key: relative path or list of them} for the report."""
-    from ..qc import CutStack, save_long_axis_cuts, save_montage, save_volume_curves
+    """qc/*.png; returns {picture key: relative path or list of them} for the report.
+    Raises UnavailableError naming the ``report`` extra when matplotlib is missing."""
+    from ..qc import (CutStack, check_drawing, save_long_axis_cuts, save_montage,
+                      save_volume_curves)
 
+    check_drawing()
     qc = stage / "qc"
     qc.mkdir(parents=True, exist_ok=True)
     pictures: dict[str, Any] = {}
