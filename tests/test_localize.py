@@ -1,9 +1,10 @@
-"""Model-free heart localisation: synthetic pulsating discs and the 80 ACDC patients."""
+"""Model-free heart localisation: synthetic pulsating discs and 3 ACDC patients (all 80:
+benchmarks/acdc_preprocessing.py)."""
 from __future__ import annotations
 
 import json
 import logging
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,21 @@ from deeprecon.runtime.study import Geometry, Study
 log = logging.getLogger(__name__)
 
 ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc" / "training"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import acdc_preprocessing as acdc_checks  # noqa: E402  (the whole-data version of these checks)
+
+# patient001, and the hardest of the 80 in benchmarks/results/acdc_preprocessing.json:
+# patient047 (largest localisation distance, 25.5 mm), patient085 (lowest round-trip
+# Dice, LVM 0.967)
+ACDC_TEST_PATIENTS = ("patient001", "patient047", "patient085")
+
+
+def _three_patients() -> list[Path]:
+    folders = [f for f in acdc_checks.acdc_patients(ACDC) if f.name in ACDC_TEST_PATIENTS]
+    if not folders:
+        pytest.skip(f"shared ACDC data not found at {ACDC} (it is not redistributed)")
+    assert len(folders) == len(ACDC_TEST_PATIENTS), folders
+    return folders
 
 
 def _geometry(S, spacing, *, row_dir=(1.0, 0.0, 0.0), col_dir=(0.0, 1.0, 0.0),
@@ -125,35 +141,11 @@ def test_middle_slices():
 
 
 def test_acdc_localisation(record_property):
-    """On all shared ACDC patients: distance from the located centre to the centroid of
-    the labelled heart (LVC+LVM+RVC, all slices, both phases), and whether the default
-    192 mm crop around it contains every labelled pixel."""
-    if not ACDC.is_dir():
-        pytest.skip(f"shared ACDC data not found at {ACDC} (it is not redistributed)")
-    from deeprecon.runtime.io import load_acdc
-    folders = sorted(p for p in ACDC.glob("patient*") if p.is_dir())
-    if not folders:
-        pytest.skip(f"no patient folders under {ACDC}")
-    t0 = time.perf_counter()
-    dist, cut = [], []
-    for folder in folders:
-        study = load_acdc(folder)
-        loc = locate_heart(study)
-        assert loc.method == "temporal-variance"
-        dr, dc = study.geometry.pixel_spacing
-        gt = np.argwhere(study.labels > 0)[:, 2:].mean(axis=0)
-        dist.append(float(np.hypot((loc.centre_rc[0] - gt[0]) * dr,
-                                   (loc.centre_rc[1] - gt[1]) * dc)))
-        _, t = prepare(study, PreprocessConfig())
-        if t.label_coverage < 1.0:
-            cut.append((folder.name, t.label_coverage))
-    d = np.asarray(dist)
-    summary = {"patients": len(folders), "median_mm": round(float(np.median(d)), 1),
-               "p90_mm": round(float(np.percentile(d, 90)), 1),
-               "max_mm": round(float(d.max()), 1), "max_patient": folders[int(d.argmax())].name,
-               "crops_cutting_labels": cut, "seconds": round(time.perf_counter() - t0, 1)}
+    """On 3 shared ACDC patients (benchmarks/acdc_preprocessing.py runs all 80 with the
+    same function and bars): distance from the located centre to the centroid of the
+    labelled heart, and whether the default 192 mm crop around it contains every
+    labelled pixel."""
+    summary = acdc_checks.localisation(_three_patients())
     record_property("acdc_localisation", json.dumps(summary))
-    print("ACDC heart localisation:", json.dumps(summary))
     log.info("ACDC heart localisation: %s", summary)
-    assert not cut, cut
-    assert np.median(d) < 15.0 and d.max() < 40.0, summary
+    assert summary["failed"] == [], summary
