@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from .errors import DeepreconError, ExitCode, NoInputError, UnavailableError, Us
 from .io.nifti import is_label_name, is_nifti, nifti_stem
 from .io.validate import special_file
 from .measures import MEASURE_COLUMNS
+from .publish import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,8 @@ def _write_summary(path: Path, outcomes: Sequence[StudyOutcome]) -> None:
     for o in outcomes:
         r = o.row()
         w.writerow([csv_value(r[c]) for c in SUMMARY_COLUMNS])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    text = buf.getvalue()
+    write_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 class CohortWorker:
