@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -50,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecon.runtime.errors import UnavailableError
+from deeprecon.runtime.publish import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +308,8 @@ class LPIPS(nn.Module):
 
 def _sha256_b64(path: Path) -> str:
     """SHA-256 of the file, urlsafe base64 without padding (the wheel RECORD format)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode("ascii")
+    digest = bytes.fromhex(sha256_file(path))
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def installed_weights_path() -> Path:
