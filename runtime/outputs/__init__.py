@@ -16,6 +16,7 @@ or more; labels are 0 background, 1 LV cavity, 2 LV myocardium, 3 RV cavity)::
     report.html         offline HTML report of the pictures below         (html_report)
     measures.csv/.json  the clinical measures and their plausibility flags    (tables)
     segmentation/, hr/, adapted/   NIfTI volumes, one 3D file per phase      (volumes)
+    segmentation/seg_frameFF.dcm   DICOM SEG per phase, for DICOM input    (dicom_seg)
     qc/*.png            QC pictures (need matplotlib, the ``report`` extra)  (pictures)
 
 For ``kind == "motion_adaptation"`` (``result.extra`` holds the ``source`` and ``target``
@@ -38,7 +39,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import UnavailableError
 from ..result import MOTION_KIND, Result
-from . import pictures, tables, volumes
+from . import dicom_seg, pictures, tables, volumes
 from .folder import (MANIFEST_NAME, OUTPUTS_FORMAT, OUTPUTS_SCHEMA, check_output_dir,
                      is_outputs_folder, staging_dir, utc_now, verify_outputs, write_manifest)
 from .html_report import write_report
@@ -81,6 +82,13 @@ def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True
         ("segmentation", volumes.write_segmentation), ("hr", volumes.write_hr)]
     if result.kind == MOTION_KIND:
         steps.append(("adapted", volumes.write_adapted))
+    if dicom_seg.wants_dicom_seg(result):
+        no_seg = dicom_seg.dicom_seg_unavailable(result)
+        if no_seg is None:
+            steps.append(("dicom_seg", dicom_seg.write_dicom_seg))
+        else:
+            log.warning("%s", no_seg)
+            result = dataclasses.replace(result, warnings=[*result.warnings, no_seg])
     steps.append(("measures", tables.write_measures))
     no_pictures = _pictures_unavailable()
     if no_pictures is None:
@@ -105,6 +113,8 @@ def write_outputs(result: Result, out_dir: str | Path, *, overwrite: bool = True
             out = writer(result, stage)
             if name == "pictures":
                 drawn = out
+            elif name == "dicom_seg" and out:  # a SEG highdicom refused: said, not fatal
+                result = dataclasses.replace(result, warnings=[*result.warnings, *out])
             tick()
         report = run_report(result, created=created)
         write_report(result, stage, drawn, run_report=report,
