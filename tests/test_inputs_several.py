@@ -130,3 +130,44 @@ def test_cli_takes_several_inputs_as_arguments_or_repeated_i(ed_es, tmp_path, ca
     assert run(["reconstruct", str(ed), str(ed), "-o", str(tmp_path / "out")]) == ExitCode.USAGE
     assert "named ED" in capsys.readouterr().err
     assert run(["study", "info"]) == ExitCode.USAGE
+
+
+def test_progress_lines_carry_an_eta(caplog, monkeypatch):
+    """Without a terminal the progress is a log line per quarter of a stage, with the
+    elapsed time and an ETA until the stage is done."""
+    import logging
+
+    from deeprecon.runtime import cli
+
+    ticks = iter([0.0, 2.0, 4.0, 8.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(ticks))
+    with caplog.at_level(logging.INFO, logger="deeprecon"):
+        with cli._Progress() as progress:
+            progress.tty = False
+            for done in (0, 1, 2, 4):
+                progress("invert", done, 4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("invert")]
+    assert lines == ["invert: 1/4 (2 s, ETA 6 s)", "invert: 2/4 (4 s, ETA 4 s)", "invert: 4/4 (8 s)"]
+
+
+def test_cli_dicom_without_series_uid(tmp_path, capsys):
+    """Two patients' cine series without SeriesInstanceUID in one folder: `study info`
+    exits 65 listing both by PatientID:StudyInstanceUID:SeriesNumber, and that key
+    picks one."""
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dicom_series import synthetic_study, write_dicom_series
+
+    def no_uids(ds, p, s):
+        del ds.SeriesInstanceUID
+        del ds.StudyInstanceUID
+        return ds
+
+    for pid, seed in (("DSB_1", 0), ("DSB_2", 1)):
+        write_dicom_series(synthetic_study(phases=3, slices=4, rows=32, cols=32, seed=seed),
+                           tmp_path / pid, series_number=5, patient_id=pid, edit=no_uids)
+    assert run(["study", "info", str(tmp_path)]) == ExitCode.DATA
+    err = capsys.readouterr().err
+    assert "DSB_1:-:5" in err and "DSB_2:-:5" in err and "2 patients" in err and "Traceback" not in err
+    assert run(["study", "info", str(tmp_path), "--series", "DSB_2:-:5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["series_uid"] == "DSB_2:-:5"
