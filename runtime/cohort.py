@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import DeepreconError, ExitCode, NoInputError, UnavailableError, UsageError
+from .errors import (FOREIGN_ERRORS, DeepreconError, ExitCode, NoInputError, UnavailableError,
+                     UsageError, exit_code_of)
 from .io.nifti import is_label_name, is_nifti, nifti_stem
 from .io.validate import special_file
 from .measures import MEASURE_COLUMNS
@@ -201,17 +202,22 @@ class CohortWorker:
         try:
             self.process(path, out)
             status, code, message = "done", 0, ""
-        except DeepreconError as e:
-            status, code, message = "failed", int(e.exit_code), " ".join(e.message.split())
+        except (DeepreconError, *FOREIGN_ERRORS) as e:  # FOREIGN_ERRORS: e.g. cpp_ext's, exit 69
+            text = getattr(e, "message", None) or str(e)
+            status, code, message = "failed", int(exit_code_of(e)), " ".join(text.split())
         except (KeyboardInterrupt, SystemExit):
             raise
         except MemoryError:
             status, code, message = ("failed", int(ExitCode.OUT_OF_MEMORY),
                                      "out of memory: the study is too large for this machine's memory")
         except Exception as e:  # noqa: BLE001 - one broken study must not end the run
-            log.debug("%s: internal error", path, exc_info=True)
-            status, code, message = ("failed", int(ExitCode.INTERNAL),
-                                     f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
+            if type(e).__name__ == "OutOfMemoryError":  # torch's device out-of-memory error
+                status, code, message = ("failed", int(ExitCode.OUT_OF_MEMORY),
+                                         f"out of memory on the device: {str(e).splitlines()[0]}")
+            else:
+                log.debug("%s: internal error", path, exc_info=True)
+                status, code, message = ("failed", int(ExitCode.INTERNAL),
+                                         f"internal error: {type(e).__name__}: {' '.join(str(e).split())}")
         return status, code, message, time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -104,3 +104,25 @@ def test_cohort_on_ray_gives_what_the_local_engine_gives(cohort, tiny_bundle, tm
         for col in ("status", "exit_code", "message", "flags", "hr LVEDV (mL)", "native LVEF (%)"):
             assert local[name][col] == on_ray[name][col], (name, col)
     assert on_ray["sub9"]["status"] == "failed" and on_ray["sub9"]["exit_code"] == "65"
+
+
+def test_worker_records_every_kind_of_failure(tmp_path):
+    """CohortWorker.run_one never raises for a study: a DeepreconError keeps its code, a
+    foreign error its mapped code (the kernel's, 69), memory 75, anything else 70."""
+    from deeprecon.cpp_ext.errors import KernelUnavailableError
+    from deeprecon.runtime.cohort import CohortWorker
+    from deeprecon.runtime.errors import InvalidStudyError
+
+    worker = CohortWorker.__new__(CohortWorker)   # no bundle needed: process is replaced
+    cases = [(InvalidStudyError("bad slice\n gap"), 65, "bad slice gap"),
+             (KernelUnavailableError("no fused kernel"), 69, "no fused kernel"),
+             (MemoryError(), 75, "out of memory"), (ZeroDivisionError("x"), 70, "internal error: ZeroDivisionError: x")]
+    for exc, code, text in cases:
+        def boom(path, out, exc=exc):
+            raise exc
+        worker.process = boom
+        status, got, message, seconds = worker.run_one(tmp_path / "s", tmp_path / "o")
+        assert (status, got) == ("failed", code) and message.startswith(text), (exc, message)
+    with pytest.raises(KeyboardInterrupt):
+        worker.process = lambda p, o: (_ for _ in ()).throw(KeyboardInterrupt())
+        worker.run_one(tmp_path / "s", tmp_path / "o")
