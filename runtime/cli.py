@@ -351,17 +351,15 @@ def cohort_cmd(
     """Reconstruct every study of a folder with the model loaded once: one output folder
     per study, finished studies skipped, a failing study recorded and the run going on,
     and a summary CSV. Exit 0 when every study is done, 1 when some failed."""
-    import functools
-
-    from deeprecon.runtime.cohort import ENGINES, CohortWorker, part_of, run_cohort
+    from deeprecon.runtime.cohort import ENGINES, WorkerSpec, part_of, run_cohort
 
     if fast and steps is not None:
         raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}", hint=f"known: {', '.join(ENGINES)}")
     part_of([], num_parts, part_id)  # the part arguments, before the bundle is opened
-    worker = functools.partial(CohortWorker, bundle, backend, device, steps=0 if fast else steps,
-                               interp=interp, phases=phases, batch=batch)
+    worker = WorkerSpec(bundle, backend, device, {"steps": 0 if fast else steps, "interp": interp,
+                                                  "phases": phases, "batch": batch})
 
     def on_study(done: int, total: int, outcome) -> None:
         if _verbosity["level"] <= logging.INFO:

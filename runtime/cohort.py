@@ -230,10 +230,31 @@ class CohortWorker:
                 "seconds": np.array([r[3] for r in rows], dtype=np.float64)}
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a :class:`CohortWorker` is built from: picklable, so that each Ray actor
+    builds its own (``options``: ``Reconstructor.reconstruct`` keywords)."""
+
+    bundle: str | Path | None
+    backend: str = "auto"
+    device: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> CohortWorker:
+        return CohortWorker(self.bundle, self.backend, self.device, **self.options)
+
+    def check(self) -> None:
+        """Verify the bundle here (every file's SHA-256), before any worker starts: a
+        missing or damaged bundle is its own error (66/69/78), not a dead Ray actor."""
+        from .bundle import default_bundle_path, load_bundle
+
+        load_bundle(self.bundle if self.bundle is not None else default_bundle_path())
+
+
 ENGINES = ("local", "ray")
 
 
-def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: Callable[[], CohortWorker],
+def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: WorkerSpec,
                num_parts: int = 1, part_id: int = 0, engine: str = "local",
                ray_address: str | None = None, ray_actors: int = 1,
                on_study: Callable[[int, int, StudyOutcome], None] | None = None
@@ -242,9 +263,8 @@ def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: Callable[[
     docstring); one study's failure is recorded (exit code and message; 70 for an
     internal error) and the run goes on.
 
-    worker:   builds the :class:`CohortWorker` (called once for the local engine; the
-              Ray engine calls it in each actor, so it must be picklable, e.g. a
-              ``functools.partial(CohortWorker, ...)``).
+    worker:   what the :class:`CohortWorker` is built from (once for the local engine,
+              in each actor for Ray, after the bundle was verified here).
     engine:   "local" or "ray"; ray_address, ray_actors: the Ray cluster and the actor
               pool size.
     on_study: called as ``on_study(done, total, outcome)`` after each study (local) or
@@ -274,7 +294,7 @@ def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: Callable[[
                  f", exit {code}: {message}" if status == "failed" else "", seconds)
 
     if engine == "local":
-        w = worker() if todo else None
+        w = worker.build() if todo else None
         try:
             for o in todo:
                 finish(o, *w.run_one(o.input, o.output))
@@ -285,6 +305,7 @@ def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: Callable[[
             if w is not None:
                 w.close()
     elif todo:
+        worker.check()
         for o, row in zip(todo, _run_on_ray(todo, worker, ray_address, ray_actors)):
             finish(o, str(row["status"]), int(row["exit_code"]), str(row["message"]),
                    float(row["seconds"]))
@@ -302,7 +323,7 @@ def _read_back(outcomes: Sequence[StudyOutcome]) -> list[StudyOutcome]:
     return list(outcomes)
 
 
-def _run_on_ray(todo: Sequence[StudyOutcome], worker: Callable[[], CohortWorker],
+def _run_on_ray(todo: Sequence[StudyOutcome], worker: WorkerSpec,
                 address: str | None, actors: int) -> list[dict[str, Any]]:
     """The studies through Ray Data: one study per batch, an actor pool of ``actors``
     workers; rows come back in the order of ``todo``."""
@@ -314,27 +335,35 @@ def _run_on_ray(todo: Sequence[StudyOutcome], worker: Callable[[], CohortWorker]
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 logging_level=logging.WARNING)
+    # Ray Data's progress lines and start banners are not this command's output
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         items = [{"key": k, "input": str(o.input), "output": str(o.output)} for k, o in enumerate(todo)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         rows = ds.map_batches(_RayWorker, fn_constructor_args=(worker,), batch_size=1,
-                              concurrency=actors, num_cpus=1).take_all()
+                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1).take_all()
     finally:
         if started:
             ray.shutdown()
     return sorted(rows, key=lambda r: int(r["key"]))
 
 
+
 class _RayWorker:
     """A Ray Data actor: builds its CohortWorker once, then processes batches."""
 
-    def __init__(self, worker: Callable[[], CohortWorker]):
-        self.worker = worker()
+    def __init__(self, worker: WorkerSpec):
+        self.worker = worker.build()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.worker(batch)
 
 
-__all__ = ["CohortWorker", "ENGINES", "StudyOutcome", "SUMMARY_COLUMNS", "list_studies",
+__all__ = ["CohortWorker", "WorkerSpec", "ENGINES", "StudyOutcome", "SUMMARY_COLUMNS", "list_studies",
            "part_of", "run_cohort", "study_name", "summary_path"]

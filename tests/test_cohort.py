@@ -126,3 +126,12 @@ def test_worker_records_every_kind_of_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         worker.process = lambda p, o: (_ for _ in ()).throw(KeyboardInterrupt())
         worker.run_one(tmp_path / "s", tmp_path / "o")
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_missing_bundle_is_one_line_and_its_own_exit_code(cohort, tmp_path, capsys, engine):
+    """Checked before any study (and before Ray starts): exit 66 naming the bundle."""
+    code = run(["cohort", str(cohort), "-o", str(tmp_path / "out"), "--bundle", str(tmp_path / "none"),
+                "--fast", "--engine", engine])
+    err = capsys.readouterr().err
+    assert code == ExitCode.NO_INPUT and "none does not exist" in err and "Traceback" not in err
