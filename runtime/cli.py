@@ -380,6 +380,55 @@ def cohort_cmd(
         raise typer.Exit(int(ExitCode.PARTIAL))
 
 
+@app.command("serve")
+def serve_cmd(
+    ae_title: str = typer.Option(..., "--ae-title", help="This node's AE title (the one peers call)."),
+    port: int = typer.Option(..., "--port", min=0, max=65535, help="TCP port to listen on (0: any free port; the log says which)."),
+    storage: Path = typer.Option(..., "--storage", help="Folder of the received studies: incoming/, work/, failed/ (created)."),
+    allow: str = typer.Option(..., "--allow", help="Calling AE titles accepted, comma-separated; every other is rejected."),
+    send_to: str = typer.Option(..., "--send-to", help="Where the DICOM SEG objects go: AE@HOST:PORT."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    quiet_period: float = typer.Option(10.0, "--quiet-period", min=0.0, help="A study is complete after this many seconds without a new object of it."),
+    max_pdu: int = typer.Option(65536, "--max-pdu", min=4096, max=1 << 24, help="Maximum PDU length advertised and enforced, bytes; a longer PDU aborts the association."),
+    max_object_mb: float = typer.Option(64.0, "--max-object-mb", min=0.001, help="Largest object (one C-STORE's data set) accepted, MiB; a larger one aborts the association."),
+    max_associations: int = typer.Option(8, "--max-associations", min=1, max=1000, help="Concurrent associations accepted; more are rejected."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Mutual TLS: this node's certificate (PEM)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Mutual TLS: its private key (PEM)."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Mutual TLS: the CA (PEM) that must sign every peer's certificate."),
+    send_tls: bool = typer.Option(False, "--send-tls", help="Send the SEG over TLS too (this node's certificate; the destination's checked against --tls-ca and its host name)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
+    fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
+    phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices, for every study (default: ED and ES when known, else all)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
+    patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop an image's inversion after this many steps without improvement (0: never; default: the bundle's)."),
+):
+    """A DICOM node beside the scanner: receive cine MR studies over C-STORE from the
+    allowed AE titles, reconstruct each complete study with the model loaded once, and
+    send its segmentation as DICOM SEG to --send-to. Answers C-ECHO. Runs until SIGTERM
+    (a clean stop, exit 0) or Ctrl-C; a failing study is logged and kept in
+    STORAGE/failed/, and the node goes on."""
+    from deeprecon.runtime.dicom_node import DicomNode, Destination, NodeConfig, TLSFiles
+
+    if fast and steps is not None:
+        raise UsageError("--fast and --steps exclude each other (--fast means --steps 0)")
+    given = [tls_cert, tls_key, tls_ca]
+    if any(given) and not all(given):
+        raise UsageError("mutual TLS needs --tls-cert, --tls-key and --tls-ca together")
+    config = NodeConfig(
+        ae_title=ae_title, storage=storage, host=host, port=port,
+        allowed=tuple(a.strip() for a in allow.split(",") if a.strip()),
+        destination=Destination.parse(send_to), quiet_period_s=quiet_period, max_pdu=max_pdu,
+        max_object_bytes=max(1, int(max_object_mb * (1 << 20))),
+        max_associations=max_associations,
+        tls=TLSFiles(tls_cert, tls_key, tls_ca) if all(given) else None, send_tls=send_tls,
+        steps=0 if fast else steps, phases=phases, batch=batch, patience=patience)
+    with _open_reconstructor(bundle, backend, device) as rec:
+        DicomNode(config, rec).serve_forever()
+
+
 @app.command("adapt-motion")
 def adapt_motion_cmd(
     source: Path = typer.Argument(..., help="Study whose heart is moved (its ED is the start)."),
