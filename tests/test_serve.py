@@ -562,10 +562,13 @@ def test_mutual_tls_both_ways(tiny_bundle, tmp_path):
         receiver.close()
 
 
-def test_api_unreachable_destination_keeps_the_study(tiny_bundle, tmp_path):
+def test_api_unreachable_destination_association_cap_silent_peer(tiny_bundle, tmp_path):
     """DicomNode on the Python API (in a thread, stopped by stop()): when the destination
     does not answer, the study goes to failed/ with the reason, logged with its
-    identity, and the node goes on answering."""
+    identity, and the node goes on answering; with --max-associations 1 a second
+    association is rejected while one is open; a peer that stops inside a PDU is
+    dropped after the network timeout."""
+    from pynetdicom import AE
     from deeprecon.runtime.dicom_node import DicomNode, NodeConfig
     from deeprecon.runtime.pipeline import Reconstructor
 
@@ -577,7 +580,8 @@ def test_api_unreachable_destination_keeps_the_study(tiny_bundle, tmp_path):
     logger.setLevel(logging.INFO)
     config = NodeConfig(ae_title=NODE_AE, storage=tmp_path / "storage", allowed=(SENDERS[0],),
                         destination=Destination(DEST_AE, HOST, _free_port()), host=HOST, port=0,
-                        quiet_period_s=0.5, send_attempts=2, retry_wait_s=0.1, steps=0)
+                        quiet_period_s=0.5, send_attempts=2, retry_wait_s=0.1, steps=0,
+                        max_associations=1, network_timeout_s=2.0)
     try:
         with Reconstructor(tiny_bundle, backend="torch", device="cpu") as rec:
             node = DicomNode(config, rec)
@@ -593,6 +597,22 @@ def test_api_unreachable_destination_keeps_the_study(tiny_bundle, tmp_path):
                 while not list((tmp_path / "storage" / "failed").glob("*/failure.json")):
                     assert time.monotonic() < end, [r.getMessage() for r in records]
                     time.sleep(0.1)
+                assert echoscu(port) == 0
+
+                ae = AE(ae_title=SENDERS[0])
+                ae.add_requested_context("1.2.840.10008.1.1")
+                held = ae.associate(HOST, port, ae_title=NODE_AE)
+                assert held.is_established
+                assert echoscu(port) != 0                 # the second one: over the cap
+                held.release()
+                assert any("the limit of concurrent associations is reached (1)" in r.getMessage()
+                           for r in records)
+
+                with socket.create_connection((HOST, port), timeout=10) as s:
+                    s.sendall(struct.pack(">BBL", 0x01, 0, 200) + b"\0" * 10)  # then silence
+                    t0 = time.monotonic()
+                    assert s.recv(64) == b""              # dropped by the node
+                    assert 1.5 < time.monotonic() - t0 < 8
                 assert echoscu(port) == 0
             finally:
                 node.stop()
