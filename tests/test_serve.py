@@ -630,3 +630,21 @@ def test_api_unreachable_destination_association_cap_silent_peer(tiny_bundle, tm
     assert len(errors) == 1 and f"study {uid} (patient P-API, from SCANNER1, 12 objects" in errors[0]
     assert "failed at send (exit 69)" in errors[0]
     assert node.stats["studies_failed"] == 1 and node.stats["stored"] == 12
+
+
+def test_serve_without_the_node_extra_says_so(tmp_path):
+    """Without pynetdicom, `serve` is one error line naming the extra, exit 69."""
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.partition('.')[0] == 'pynetdicom':\n"
+            "            raise ModuleNotFoundError(name, name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from deeprecon.runtime.cli import run\n"
+            f"sys.exit(run(['serve', '--ae-title', 'N', '--port', '0', '--storage', {str(tmp_path)!r}, "
+            "'--allow', 'A', '--send-to', 'D@127.0.0.1:1']))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=ENV)
+    assert p.returncode == 69, p.stderr[-2000:]
+    assert "the DICOM node needs pynetdicom, which is not installed" in p.stderr
+    assert "pip install 'deeprecon-rt[node]'" in p.stderr and "Traceback" not in p.stderr
