@@ -359,7 +359,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
             last_fd = frechet_distance_of(G_ema, reals, fd_net, n=min(cfg.fd_samples, len(reals)),
                                           seed=cfg.seed + 2, batch=64, device=device)
             ctx.log(step, fd_alex=last_fd)
-            log.info("gan: step %d, Frechet distance (ST-AlexNet relu5) %.3f", step, last_fd)
+            log.info("gan: step %d, Frechet distance (ST-AlexNet relu5) %.3g", step, last_fd)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
         ctx.tick(step, cfg.steps)
