@@ -73,12 +73,20 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
     defaults to the source's); ``source_phases``/``target_phases``: which phases each is
     reconstructed at (default: ED and ES when known, else all). The source's ED is the
     starting point; the target's ED is its motion's reference."""
-    t0 = time.perf_counter()
     src = reconstructor.reconstruct(source, steps=steps, interp=interp, phases=source_phases,
                                     progress=progress)
     tgt = reconstructor.reconstruct(target, steps=steps, interp=src.interp,
                                     phases=target_phases, progress=progress)
-    t_recon = time.perf_counter() - t0
+    return adapt_reconstructions(reconstructor, src, tgt, progress=progress)
+
+
+def adapt_reconstructions(reconstructor: Reconstructor, src: Result, tgt: Result, *,
+                          progress: Progress = None) -> Result:
+    """:func:`adapt_motion` from two reconstructions already made with ``reconstructor``
+    (``tgt`` at any phases; the adapted volume uses ``src.interp``). An evaluation over
+    many pairs reconstructs each subject once and adapts every pair from the results."""
+    t0 = time.perf_counter()
+    t_recon = sum(src.timings.values()) + sum(tgt.timings.values())
     if src.ed_index is None or tgt.ed_index is None:  # pragma: no cover - measures set both
         raise UsageError("ED is unknown for the source or the target")
     rec = reconstructor
@@ -123,7 +131,7 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
         f["message"] = "adapted " + f["message"]
         log.warning("%s", f["message"])
     timings["measures"] = time.perf_counter() - t3
-    log.info("motion adaptation: %d phases x %d slices in %.1f s (reconstructions %.1f s)",
+    log.info("motion adaptation: %d phases x %d slices in %.1f s (after reconstructions of %.1f s)",
              T, S, time.perf_counter() - t0, t_recon)
     options = dict(src.options)
     options.update({"target_phases": list(tgt.phases), "source_phases": list(src.phases),
@@ -140,4 +148,4 @@ def adapt_motion(reconstructor: Reconstructor, source: Study | str | Path,
                   extra={"source": src, "target": tgt})
 
 
-__all__ = ["adapt_motion", "adapted_codes", "resample_slices"]
+__all__ = ["adapt_motion", "adapt_reconstructions", "adapted_codes", "resample_slices"]
