@@ -45,7 +45,7 @@ import numpy as np
 
 from deeprecon.runtime.evaluation import mean_sd
 from deeprecon.runtime.jsonsafe import json_safe
-from deeprecon.runtime.measures import study_measures
+from deeprecon.runtime.measures import PLAUSIBLE_RANGES, study_measures
 from deeprecon.runtime.motion import adapt_reconstructions
 from deeprecon.runtime.phantom import make_phantom
 from deeprecon.runtime.pipeline import Reconstructor
@@ -106,9 +106,11 @@ def pair_metrics(rec: Reconstructor, src: Subject, tgt: Subject) -> dict[str, An
                                       f"{a['EDV']:.1f} mL")
     if not math.isfinite(a["EF"]):
         fails["ef_not_finite"] = "the adapted EF is not finite"
-    if not tgt.recon["ESV"] < tgt.recon["EDV"]:
-        fails["target_no_contraction"] = ("the target's own reconstruction does not contract "
-                                          "(no LV motion to transfer)")
+    low = PLAUSIBLE_RANGES["LVEF (%)"][0]
+    if not tgt.recon["EF"] >= low:
+        fails["target_no_contraction"] = (f"the target's own reconstruction has an LVEF of "
+                                          f"{tgt.recon['EF']:.1f} % (< {low:g} %): no LV motion "
+                                          "to transfer")
     codes = sorted({f["code"] for f in ad.plausibility})
     out = {"source": src.name, "target": tgt.name, "source_group": src.group,
            "target_group": tgt.group, "adapted": a, "adapted_hr": hr,
@@ -126,9 +128,15 @@ def pair_metrics(rec: Reconstructor, src: Subject, tgt: Subject) -> dict[str, An
 
 
 def _fractions(study) -> list[float]:
+    """Each phase's time as a fraction of the cycle: from the trigger times, else (ACDC)
+    from the frame numbers and the number of frames of the cine, else phase / P."""
     t = np.asarray(study.trigger_times, dtype=np.float64)
     if t.size > 1 and np.all(np.isfinite(t)) and np.all(np.diff(t) > 0):
         return ((t - t[0]) / (t[-1] + (t[1] - t[0]) - t[0])).round(4).tolist()
+    n = study.info.get("nb_frames")
+    ids = np.asarray(study.phase_ids, dtype=np.float64)
+    if n and ids.size and np.all(np.diff(ids) > 0):
+        return ((ids - ids[0]) / float(n)).round(4).tolist()
     return (np.arange(t.size) / max(t.size, 1)).tolist()
 
 
@@ -211,7 +219,8 @@ def markdown(result: dict[str, Any]) -> str:
     for name, s in result["summary"].items():
         if not s["pairs"]:
             continue
-        lines += [f"**{name}**: {s['pairs']} pairs, mean (sd); {s['failed_pairs']} with a "
+        lines += [f"**{name}**: {s['pairs']} pair{'s' if s['pairs'] != 1 else ''}, mean (sd); "
+                  f"{s['failed_pairs']} with a "
                   "failure" + (": " + ", ".join(f"{k} ({v})" for k, v in s["failure_reasons"].items())
                                if s["failure_reasons"] else "") + ".", "",
                   "EF error = |EF_adapted - EF_target| (%-points), EDV error = "
@@ -308,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           steps=args.steps, interp=args.interp, exact=t_ph.exact_measures())
             out.append(pair_metrics(rec, src, tgt))
         pairs["phantom"] = out
-        data.append(f"{args.phantom_pairs} phantom pairs ({opts}, targets of "
+        data.append(f"phantom pairs: {args.phantom_pairs} ({opts}, targets of "
                     f"{args.phantom_phases} phases)")
     for name, ps in pairs.items():
         for p in ps:

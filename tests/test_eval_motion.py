@@ -113,6 +113,10 @@ def test_acdc_pairs(acdc_root, rec):
     res = [eval_motion.pair_metrics(rec, s, t) for s, t in pairs]
     assert [(p["source"], p["target"]) for p in res] == [("patient001", "patient061"),
                                                          ("patient061", "patient001")]
+    by_name = {s.name: s.study for s in subjects}
     for p in res:
         assert p["errors"]["edv_vs_source_recon"] == 0.0
         assert 5 < p["target_manual"]["EF"] < 90   # ACDC's manual labels
+        st = by_name[p["target"]]                  # ES's place in the cycle: frames / NbFrame
+        es = (st.info["es_frame"] - st.info["ed_frame"]) / st.info["nb_frames"]
+        assert p["target_phase_fractions"] == pytest.approx([0.0, es], abs=1e-4)
