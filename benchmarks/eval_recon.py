@@ -391,7 +391,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"**Phantom** ({data.get('phantom', '')}): 3D against the exact truth "
                   "between the first and last SAX centres, mean (sd) over phantoms x phases.", "",
                   "| method | LVC Dice | LVM Dice | RVC Dice | LVC HD95 (mm) | LVM HD95 | RVC HD95 | "
-                  "LVC vol. err. (%) | LVM | RVC |",
+                  "LVC abs. volume error (%) | LVM | RVC |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for m, r in s["phantom"].items():
             cells = ([_ms(r[st]["dice"], 3) for st in STRUCTURES]

@@ -310,7 +310,7 @@ def mci_slices(labels: np.ndarray, interp: int, *,
     between them (nothing beyond the end slices: it does not extrapolate).
     Runs on one thread: it sets ITK's process-wide default thread count to 1 (with
     several threads, itk-morphologicalcontourinterpolation 2.1.2 on ITK 5.4.7 corrupted
-    the heap in about half of our runs: glibc aborted the process at exit).
+    the heap in 21 of 48 test runs: glibc aborted the process at exit; none of 24 on one).
     Raises UnavailableError without ITK (the ``eval`` extra).
     """
     ok, why = mci_available()
