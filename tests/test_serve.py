@@ -601,7 +601,13 @@ def test_api_unreachable_destination_association_cap_silent_peer(tiny_bundle, tm
 
                 ae = AE(ae_title=SENDERS[0])
                 ae.add_requested_context("1.2.840.10008.1.1")
+                # the node may still be closing echoscu's association (its thread ends
+                # a moment after echoscu returns): try again until that one is gone
+                end = time.monotonic() + 10
                 held = ae.associate(HOST, port, ae_title=NODE_AE)
+                while not held.is_established and time.monotonic() < end:
+                    time.sleep(0.2)
+                    held = ae.associate(HOST, port, ae_title=NODE_AE)
                 assert held.is_established
                 assert echoscu(port) != 0                 # the second one: over the cap
                 held.release()
