@@ -51,6 +51,8 @@ from deeprecon.runtime.phantom import make_phantom
 from deeprecon.runtime.pipeline import Reconstructor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_common import (elapsed as _elapsed, mean_sd_text as _ms, phantom_options,  # noqa: E402
+                         provenance_line, timer as _timer)
 from provenance import cpu_model, git_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,13 +61,8 @@ ERRORS = ("ef_vs_target_manual", "ef_vs_target_recon", "edv_vs_source_manual",
           "edv_vs_source_recon", "no_transfer_ef_vs_target_manual")
 
 
-def _timer():
-    return time.perf_counter(), time.process_time()
 
 
-def _elapsed(t) -> dict[str, float]:
-    return {"wall_s": round(time.perf_counter() - t[0], 3),
-            "cpu_s": round(time.process_time() - t[1], 3)}
 
 
 def _lv(m: dict[str, Any]) -> dict[str, Any]:
@@ -140,16 +137,6 @@ def _fractions(study) -> list[float]:
     return (np.arange(t.size) / max(t.size, 1)).tolist()
 
 
-def phantom_options(items: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE strings -> make_phantom keywords (values parsed as JSON when they are)."""
-    out = {}
-    for it in items:
-        k, _, v = it.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def acdc_subjects(rec: Reconstructor, data: Path, patients: Sequence[str], *,
@@ -198,24 +185,10 @@ def summarise(pairs: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
-def _ms(d: dict | None, digits: int = 1) -> str:
-    if not d or d["mean"] is None:
-        return "-"
-    return f"{d['mean']:.{digits}f}" + (f" ({d['sd']:.{digits}f})" if d["sd"] is not None else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
-    b = result["bundle"]
-    lines = [f"Model: `{b['name']}` (preset {b['preset']}, manifest sha256 {b['sha256'][:12]}), "
-             f"K = {result['config']['steps']} inversion steps, backend "
-             f"{result['config']['backend']}. "
-             + ("" if result["bundle_trained"] else
-                "**Untrained bundle (its provenance lists no training run): a harness check; "
-                "the numbers say nothing about the method.** ")
-             + f"Data: {result['data']}. CPU time {result['cpu_s']:.0f} s, wall "
-               f"{result['wall_s']:.0f} s on {result['device']['cores']} cores "
-               f"({result['device']['cpu']}); commit {result['git']['commit'][:10]}"
-               f"{' (dirty)' if result['git']['dirty'] else ''}.", ""]
+    lines = [provenance_line(result, data=result["data"]), ""]
     for name, s in result["summary"].items():
         if not s["pairs"]:
             continue

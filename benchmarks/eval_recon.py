@@ -70,6 +70,8 @@ from deeprecon.runtime.pipeline import Reconstructor, heart_roi, hr_geometry
 from deeprecon.runtime.study import Geometry, Study
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_common import (elapsed as _elapsed, mean_sd_text as _ms, phantom_options,  # noqa: E402
+                         provenance_line, timer as _timer)
 from provenance import cpu_model, git_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,13 +131,8 @@ def _bundle_trained(rec: Reconstructor) -> bool:
     return bool(prov.get("runs"))
 
 
-def _timer():
-    return time.perf_counter(), time.process_time()
 
 
-def _elapsed(t) -> dict[str, float]:
-    return {"wall_s": round(time.perf_counter() - t[0], 3),
-            "cpu_s": round(time.process_time() - t[1], 3)}
 
 
 # --------------------------------------------------------------------------- slice drop
@@ -348,27 +345,11 @@ def summarise(cases: dict[str, list[dict]]) -> dict[str, Any]:
     return out
 
 
-def _ms(d: dict | None, digits: int) -> str:
-    if not d or d["mean"] is None:
-        return "-"
-    s = f"{d['mean']:.{digits}f}"
-    return s + (f" ({d['sd']:.{digits}f})" if d["sd"] is not None else "") + \
-        (f" [{d['n_infinite']} inf]" if d.get("n_infinite") else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a result, with the model's identity, the data and the CPU time."""
-    b = result["bundle"]
-    lines = [f"Model: `{b['name']}` (preset {b['preset']}, manifest sha256 {b['sha256'][:12]}), "
-             f"K = {result['config']['steps']} inversion steps, backend "
-             f"{result['config']['backend']}. "
-             + ("" if result["bundle_trained"] else
-                "**Untrained bundle (its provenance lists no training run): a harness check; "
-                "the numbers say nothing about the method.** ")
-             + f"CPU time {result['cpu_s']:.0f} s, wall {result['wall_s']:.0f} s on "
-               f"{result['device']['cores']} cores ({result['device']['cpu']}); commit "
-               f"{result['git']['commit'][:10]}{' (dirty)' if result['git']['dirty'] else ''}.",
-             ""]
+    lines = [provenance_line(result), ""]
     s = result["summary"]
     data = result["data"]
     if "slice-drop" in s:
@@ -422,15 +403,6 @@ def _acdc_patients(split: str, max_patients: int | None) -> list[str]:
     return load_split()[split][:max_patients]
 
 
-def _phantom_options(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for it in items:
-        k, _, v = it.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -455,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       for m in case["phases"][0]["dice"]}, flush=True)
     ph_protocols = [p for p in protocols if p in ("phantom", "lax")]
     if ph_protocols and args.phantoms > 0:
-        opts = _phantom_options(args.phantom_option)
+        opts = phantom_options(args.phantom_option)
         seeds = list(range(args.phantoms))
         desc = (f"{len(seeds)} phantoms (seeds {seeds[0]}..{seeds[-1]}, anatomy jitter "
                 f"{opts.get('anatomy_jitter', args.phantom_jitter)}"
