@@ -207,6 +207,16 @@ def test_cli_train_and_errors(phantoms, tmp_path, runs, capsys):
     assert code == ExitCode.USAGE
 
 
+def test_seg_direct_class_weights_train_and_bad_ones_are_refused(phantoms, tmp_path, capsys):
+    _train("seg-direct", tmp_path / "w", phantoms, steps=2, sets={"class_weights": "1,1,1,2"})
+    info = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert info["config"]["class_weights"] == [1.0, 1.0, 1.0, 2.0]
+    for bad in ("1,1,2", "1,0,1,1"):
+        code = cli_run(["train", "seg-direct", "--data", str(phantoms), "--config", "tiny",
+                        "--out", str(tmp_path / f"bad{len(bad)}"), "--set", f"class_weights={bad}"])
+        assert code == ExitCode.USAGE and "class_weights must be 4 positive" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings(phantoms, runs, tmp_path):
     out = tmp_path / "seg"
     _train("seg-direct", out, phantoms, steps=2)

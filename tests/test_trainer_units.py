@@ -49,6 +49,33 @@ def test_dice_loss_and_seg_loss():
     assert torch.isnan(d).all()
 
 
+def test_seg_loss_class_weights_weigh_the_cross_entropy():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2, 16, 16))
+    logits = torch.randn(2, 4, 16, 16)
+    ce = torch.nn.functional.cross_entropy
+    w = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    dice = losses.dice_loss(logits, labels)
+    assert losses.seg_loss(logits, labels, torch.ones(4)).item() == pytest.approx(
+        losses.seg_loss(logits, labels).item(), rel=1e-6)
+    assert losses.seg_loss(logits, labels, w).item() == pytest.approx(
+        (ce(logits, labels, weight=w) + dice).item(), rel=1e-6)
+    # wrong only on RVC pixels: weighting RVC up raises the loss
+    good = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float() * 5
+    bad_rv = good.clone()
+    rv = labels == 3
+    bad_rv[:, 3][rv], bad_rv[:, 0][rv] = 0.0, 5.0
+    assert losses.seg_loss(bad_rv, labels, w) > losses.seg_loss(bad_rv, labels)
+
+
+def test_seg_class_weights_setting_is_parsed():
+    from deeprecon.trainer.stages.seg import Config
+
+    assert config_with_overrides(Config, "cpu64", {}).class_weights == ()
+    cfg = config_with_overrides(Config, "cpu64", {"class_weights": "1,1,1,2"})
+    assert cfg.class_weights == (1.0, 1.0, 1.0, 2.0)
+
+
 def test_frechet_distance_matches_closed_form():
     rng = np.random.default_rng(0)
     a = rng.normal(0, 1, (20000, 3))

@@ -57,9 +57,11 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor, *, eps: float = 1.0) -
     return 1 - dice[1:].mean()
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + Dice (the paper's Seg loss)."""
-    return F.cross_entropy(logits, labels) + dice_loss(logits, labels)
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor,
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy + Dice (the paper's Seg loss). ``class_weights`` [K]: optional
+    per-class weights of the cross-entropy (the Dice term is unweighted)."""
+    return F.cross_entropy(logits, labels, weight=class_weights) + dice_loss(logits, labels)
 
 
 def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -218,7 +218,8 @@ def config_with_overrides(cls, preset: str, overrides: Mapping[str, Any]):
                     raise ValueError(raw)
                 values[key] = str(raw).lower() in ("true", "1")
             elif isinstance(current, tuple):
-                values[key] = tuple(type(current[0])(v) for v in str(raw).split(","))
+                kind = type(current[0]) if current else float  # empty tuples hold numbers
+                values[key] = tuple(kind(v) for v in str(raw).split(",") if v.strip())
             else:
                 values[key] = type(current)(raw)
         except ValueError:

@@ -8,7 +8,8 @@
 
 Both use a random x-flip and rotation by multiples of 90 degrees per batch and, with
 ``affine`` (the ``cpu64`` default), a random affine and intensity change per image
-(:func:`.common.affine_intensity`). ``lr_min`` < ``lr``: the learning rate follows a
+(:func:`.common.affine_intensity`). ``class_weights`` (background, LVC, LVM, RVC)
+weight the cross-entropy per class (empty: unweighted). ``lr_min`` < ``lr``: the learning rate follows a
 cosine from ``lr`` to ``lr_min`` over ``steps`` (a function of the step, so resuming
 needs no scheduler state). With an
 ACDC data folder, the Dice per structure on the validation split's real slices is
@@ -49,6 +50,7 @@ class Config:
     lr_min: float = 1e-3
     augment: bool = True
     affine: bool = False
+    class_weights: tuple[float, ...] = ()
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -74,6 +76,12 @@ def train_supervised(ctx: RunContext, cfg: Config, net: torch.nn.Module, name: s
     dist, device = ctx.dist, ctx.device
     if cfg.batch % dist.world_size:
         raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
+    if cfg.class_weights and (len(cfg.class_weights) != N_CLASSES
+                              or min(cfg.class_weights) <= 0):
+        raise UsageError(f"class_weights must be {N_CLASSES} positive numbers (background, "
+                         f"LVC, LVM, RVC), got {list(cfg.class_weights)}")
+    weights = (torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
+               if cfg.class_weights else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sampler = BatchSampler(len(inputs), cfg.batch // dist.world_size, seed=cfg.seed,
                            rank=dist.rank, world_size=dist.world_size)
@@ -98,7 +106,7 @@ def train_supervised(ctx: RunContext, cfg: Config, net: torch.nn.Module, name: s
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_min)
         net.train()
         logits = net(x)
-        loss = seg_loss(logits, y)
+        loss = seg_loss(logits, y, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_grads(net.parameters(), dist)
