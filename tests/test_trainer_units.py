@@ -282,3 +282,18 @@ def test_affine_intensity_moves_image_and_labels_together():
     torch.manual_seed(0)
     out2, lab2 = affine_intensity(images, labels)
     assert torch.equal(out, out2) and torch.equal(lab, lab2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_without_it_warns_once_at_the_start(monkeypatch, caplog, native):
+    import types
+
+    from deeprecon.trainer.stages import gan
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="deeprecon.trainer.gan"):
+        gan._warn_slow_bfloat16(ctx, gan.Config(mixed_precision_cpu=True))
+        gan._warn_slow_bfloat16(ctx, gan.Config(mixed_precision_cpu=False))
+    warned = [r for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)

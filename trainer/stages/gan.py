@@ -68,7 +68,8 @@ class Config:
     ada_*: ADA's target for E[sign(D(real))], update interval (steps) and speed;
     mixed_precision: bfloat16 autocast for the forward passes on CUDA;
     mixed_precision_cpu: the same on the CPU (1.3-1.5x faster per joint step on an
-    AVX512-BF16 CPU, measured; off by default);
+    AVX512-BF16 CPU, measured; off by default; on a CPU without native bfloat16, e.g.
+    AVX2 only, it is many times slower, and the run warns);
     discriminator: "stylegan2" (the residual D from pixels) or "projected" (see the
     module docstring; the paper's head learning rate is lr_d=0.0002);
     joint_encoder: train E with G (see the module docstring), with Adam (lr_e, betas_e)
@@ -127,6 +128,17 @@ class Config:
         return cls()
 
 
+def _warn_slow_bfloat16(ctx: RunContext, cfg: Config) -> None:
+    """bfloat16 autocast on a CPU without native bfloat16 (AVX2 only) runs the
+    convolutions on a slow reference path: say so once, at the start."""
+    if (cfg.mixed_precision_cpu and ctx.device.type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        log.warning("gan: mixed_precision_cpu=true on a CPU without native bfloat16 "
+                    "(torch CPU capability %s): convolutions take a slow reference path, "
+                    "many times slower than float32; set mixed_precision_cpu=false",
+                    torch.backends.cpu.get_cpu_capability())
+
+
 def _autocast(ctx: RunContext, cfg: Config):
     if cfg.mixed_precision and ctx.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -163,6 +175,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     if cfg.batch % dist.world_size:
         raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
     per_rank = cfg.batch // dist.world_size
+    _warn_slow_bfloat16(ctx, cfg)
     data = ctx.slices()
     reals = data.images  # [N, 1, R, R]
     log.info("gan: %d training slices from %s", len(reals), ctx.data_dir)
