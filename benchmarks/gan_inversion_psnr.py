@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=64)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=latents.Config().lr,
+                    help="Adam learning rate on w+ (default: the latents stage's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan_inversion_psnr.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,10 +62,10 @@ def main() -> None:
         return float((10 * torch.log10(4.0 / mse)).mean())
 
     with torch.no_grad():
-        out = {"step": step, "slices": len(idx), "psnr_G_E_x": psnr(G(E(x)))}
+        out = {"step": step, "slices": len(idx), "lr": args.lr, "psnr_G_E_x": psnr(G(E(x)))}
     for k in args.steps:
         t0 = time.perf_counter()
-        _, _, y = latents.invert(G, E, lp, x, roi, latents.Config(steps=k, batch=32))
+        _, _, y = latents.invert(G, E, lp, x, roi, latents.Config(steps=k, batch=32, lr=args.lr))
         out[f"psnr_K{k}"] = psnr(y)
         out[f"seconds_K{k}"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
