@@ -1,6 +1,7 @@
 """How well a gan run's G_ema and E reproduce validation slices: PSNR inside the heart
 ROI of G(E(x)) and of G(w*) after K steps of the latents stage's inversion (the hybrid
-loss of runtime/inversion.py), on evenly spaced slices of the ACDC validation split.
+loss of runtime/inversion.py), on evenly spaced slices of the ACDC validation split
+(``--split train``: of the training split, to tell overfitting from a capacity limit).
 A quick check of a generator in training (between the training log's ``rec_psnr``, on
 training batches, and a full evaluation, which needs the whole chain).
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu64")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "acdc")
     ap.add_argument("--slices", type=int, default=64)
+    ap.add_argument("--split", default="val", choices=["val", "train"],
+                    help="ACDC split to take the slices from (train: slices G and E saw)")
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=latents.Config().lr,
@@ -52,7 +55,7 @@ def main() -> None:
         step = None
     G.eval().requires_grad_(False)
     E.eval().requires_grad_(False)
-    s = build_slices(args.data, m.preprocess, split="val", require_labels=True)
+    s = build_slices(args.data, m.preprocess, split=args.split, require_labels=True)
     idx = torch.linspace(0, len(s.images) - 1, args.slices).round().long()
     x, roi = s.images[idx].contiguous(), s.roi[idx].contiguous()
     lp = load_lpips(layers=m.lpips_layers)
@@ -62,7 +65,7 @@ def main() -> None:
         return float((10 * torch.log10(4.0 / mse)).mean())
 
     with torch.no_grad():
-        out = {"step": step, "slices": len(idx), "lr": args.lr, "psnr_G_E_x": psnr(G(E(x)))}
+        out = {"step": step, "slices": len(idx), "split": args.split, "lr": args.lr, "psnr_G_E_x": psnr(G(E(x)))}
     for k in args.steps:
         t0 = time.perf_counter()
         _, _, y = latents.invert(G, E, lp, x, roi, latents.Config(steps=k, batch=32, lr=args.lr))

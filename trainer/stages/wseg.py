@@ -23,6 +23,7 @@ class Config:
     batch: int = 16
     lr: float = 1e-3
     lr_min: float = 1e-3
+    class_weights: tuple[float, ...] = ()  # per-class cross-entropy weights, as seg's
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
