@@ -219,7 +219,7 @@ def config_with_overrides(cls, preset: str, overrides: Mapping[str, Any]):
                 values[key] = str(raw).lower() in ("true", "1")
             elif isinstance(current, tuple):
                 kind = type(current[0]) if current else float  # empty tuples hold numbers
-                values[key] = tuple(kind(v) for v in str(raw).split(",") if v.strip())
+                values[key] = tuple(kind(v) for v in str(raw).split(","))
             else:
                 values[key] = type(current)(raw)
         except ValueError:
