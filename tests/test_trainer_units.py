@@ -74,6 +74,10 @@ def test_seg_class_weights_setting_is_parsed():
     assert config_with_overrides(Config, "cpu64", {}).class_weights == ()
     cfg = config_with_overrides(Config, "cpu64", {"class_weights": "1,1,1,2"})
     assert cfg.class_weights == (1.0, 1.0, 1.0, 2.0)
+    from deeprecon.trainer.stages.wseg import Config as WSegConfig
+    for cls in (Config, WSegConfig):  # refused when the config is made, before any data
+        with pytest.raises(UsageError, match="class_weights must be 4 positive"):
+            config_with_overrides(cls, "tiny", {"class_weights": "1,1,-1,2"})
 
 
 def test_frechet_distance_matches_closed_form():

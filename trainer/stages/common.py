@@ -9,6 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deeprecon.runtime.errors import UsageError
+
+from ..config import N_CLASSES
+
 
 def seed_all(seed: int) -> None:
     """Seed torch's CPU and CUDA generators and Python's and numpy's."""
@@ -69,6 +73,14 @@ def flip_rot(images: torch.Tensor, labels: torch.Tensor | None):
         if flip:
             labels = labels.flip(2)
     return images, labels
+
+
+def check_class_weights(weights: tuple[float, ...]) -> None:
+    """A stage's ``class_weights`` setting: empty (unweighted) or one positive weight
+    per class (background, LVC, LVM, RVC); UsageError otherwise, at config time."""
+    if weights and (len(weights) != N_CLASSES or min(weights) <= 0):
+        raise UsageError(f"class_weights must be {N_CLASSES} positive numbers (background, "
+                         f"LVC, LVM, RVC), got {list(weights)}")
 
 
 def cosine_lr(step: int, steps: int, lr: float, lr_min: float) -> float:

@@ -9,10 +9,9 @@
 Both use a random x-flip and rotation by multiples of 90 degrees per batch and, with
 ``affine`` (the ``cpu64`` default), a random affine and intensity change per image
 (:func:`.common.affine_intensity`). ``class_weights`` (background, LVC, LVM, RVC)
-weight the cross-entropy per class (empty: unweighted). ``lr_min`` < ``lr``: the learning rate follows a
-cosine from ``lr`` to ``lr_min`` over ``steps`` (a function of the step, so resuming
-needs no scheduler state). With an
-ACDC data folder, the Dice per structure on the validation split's real slices is
+weight the cross-entropy per class (empty: unweighted). ``lr_min`` < ``lr``: the
+learning rate follows a cosine from ``lr`` to ``lr_min`` over ``steps`` (a function of
+the step, so resuming needs no scheduler state). With an ACDC data folder, the Dice per structure on the validation split's real slices is
 logged at every checkpoint. :func:`train_supervised` is the loop, shared with ``wseg``.
 """
 from __future__ import annotations
@@ -34,7 +33,8 @@ from ..distributed import (all_reduce_grads, barrier, broadcast_module, decorrel
 from ..losses import dice_per_class, seg_loss
 from ..networks import Generator, UNet
 from ..run import RunContext, load_networks, read_run, upstream
-from .common import affine_intensity, batched, cosine_lr, flip_rot, seed_all
+from .common import (affine_intensity, batched, check_class_weights, cosine_lr, flip_rot,
+                     seed_all)
 
 log = logging.getLogger("deeprecon.trainer.seg")
 
@@ -54,6 +54,9 @@ class Config:
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        check_class_weights(self.class_weights)
 
     @classmethod
     def for_preset(cls, preset: str) -> "Config":
@@ -76,10 +79,6 @@ def train_supervised(ctx: RunContext, cfg: Config, net: torch.nn.Module, name: s
     dist, device = ctx.dist, ctx.device
     if cfg.batch % dist.world_size:
         raise UsageError(f"batch {cfg.batch} is not divisible by the {dist.world_size} ranks")
-    if cfg.class_weights and (len(cfg.class_weights) != N_CLASSES
-                              or min(cfg.class_weights) <= 0):
-        raise UsageError(f"class_weights must be {N_CLASSES} positive numbers (background, "
-                         f"LVC, LVM, RVC), got {list(cfg.class_weights)}")
     weights = (torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
                if cfg.class_weights else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

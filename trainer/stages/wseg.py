@@ -10,7 +10,7 @@ from deeprecon.runtime.errors import InvalidStudyError
 
 from ..networks import WSegNet
 from ..run import RunContext, upstream
-from .common import seed_all
+from .common import check_class_weights, seed_all
 from .latents import load_bank
 from .seg import train_supervised
 
@@ -27,6 +27,9 @@ class Config:
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        check_class_weights(self.class_weights)
 
     @classmethod
     def for_preset(cls, preset: str) -> "Config":
