@@ -223,8 +223,9 @@ def test_compact_state_round_trip_and_refusals(tmp_path):
     assert model_modules(tmp_path / "m.safetensors") == {"G", "E"}
 
 
-def test_cpu64_inversion_step_fits_the_cpu_budget():
-    """The reference preset's inversion step for 20 images (G forward + backward to w,
+@pytest.mark.parametrize("preset,lpips_layers", [("cpu64", 3), ("cpu64w", 2)])
+def test_cpu_preset_inversion_step_fits_the_cpu_budget(preset, lpips_layers):
+    """A CPU preset's inversion step for 20 images (G forward + backward to w,
     E forward + backward, LPIPS of y against cached features of x) costs <= 30 GFLOP,
     the budget that makes K = 20 a few seconds on 2 cores (FLOPs, not time: a count
     does not depend on the machine)."""
@@ -234,8 +235,8 @@ def test_cpu64_inversion_step_fits_the_cpu_budget():
     from deeprecon.trainer.lpips import load_lpips
     from deeprecon.trainer.networks import Encoder, Generator
 
-    m = get_preset("cpu64")
-    assert (m.resolution, m.preprocess.spacing_mm, m.lpips_layers) == (64, 2.5, 3)
+    m = get_preset(preset)
+    assert (m.resolution, m.preprocess.spacing_mm, m.lpips_layers) == (64, 2.5, lpips_layers)
     G = Generator(m.generator).requires_grad_(False)
     E = Encoder(m.encoder).requires_grad_(False)
     lp = load_lpips(layers=m.lpips_layers)
@@ -250,6 +251,27 @@ def test_cpu64_inversion_step_fits_the_cpu_budget():
     gflop = fc.get_total_flops() / 1e9
     assert 10 < gflop <= 30, gflop
     assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_cpu64w_widens_only_the_generator_and_shares_the_cpu_schedules():
+    """cpu64w is cpu64 with a wider G paid for by a shallower LPIPS: every other network
+    and the model grid are the same, and every stage gives it cpu64's schedule."""
+    import dataclasses
+
+    from deeprecon.trainer.config import CPU_PRESETS, channels_at
+    from deeprecon.trainer.stages import encoder, gan, latents, seg, wseg
+
+    a, b = get_preset("cpu64"), get_preset("cpu64w")
+    assert [channels_at(r, b.generator.channel_base, b.generator.channel_max)
+            for r in (64, 32, 16)] == [24, 48, 96]
+    assert (a.lpips_layers, b.lpips_layers) == (3, 2)
+    same = {f.name for f in dataclasses.fields(a)} - {"name", "generator", "lpips_layers"}
+    assert all(getattr(a, f) == getattr(b, f) for f in same)
+    assert dataclasses.replace(b.generator, channel_base=1024) == a.generator
+    assert set(CPU_PRESETS) == {"cpu64", "cpu64w"}
+    for stage in (encoder, gan, latents, seg, wseg):
+        assert stage.Config.for_preset("cpu64w") == stage.Config.for_preset("cpu64")
+        assert stage.Config.for_preset("cpu64w") != stage.Config.for_preset("small128")
 
 
 def test_cosine_lr_schedule():

@@ -199,7 +199,7 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
 def _command(stage: str):
     def command(
         data: Optional[Path] = typer.Option(None, "--data", help="ACDC folder (root, training/ or one patient) or phantom folder(s)."),
-        config: str = typer.Option("cpu64", "--config", help="Preset: cpu64 (the reference model, sized for CPUs), tiny, small128, base128."),
+        config: str = typer.Option("cpu64", "--config", help="Preset: cpu64 (the reference model, sized for CPUs), cpu64w (cpu64 with a wider generator), tiny, small128, base128."),
         out: Path = typer.Option(..., "--out", "-o", help="Run folder (new, or existing with --resume)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (torchrun: each rank takes cuda:LOCAL_RANK)."),

@@ -10,6 +10,13 @@ preprocessing) and the shape of every network trained on it:
 - ``cpu64``:    64 x 64 at 2.5 mm, w_dim 128, narrow widths: the reference model, sized
                 for 2-core CPUs (an inversion step for 20 images costs a few GFLOP;
                 the measurements behind the choice are in docs/models.md).
+- ``cpu64w``:   ``cpu64`` with a 1.5x wider generator (24 channels at 64 px instead of
+                16) paid for by a cheaper perceptual term (LPIPS over relu1-relu2):
+                the step stays within the same 30 GFLOP budget. The candidate for when
+                ``cpu64``'s generator is what limits the reconstruction.
+
+``CPU_PRESETS`` names the presets sized for CPUs: the training stages give them the same
+schedules.
 
 Channel widths follow StyleGAN2: the width at resolution r is
 ``min(channel_base // r, channel_max)``.
@@ -210,6 +217,10 @@ def _preset(name: str, *, size: int, spacing_mm: float, z_dim: int, w_dim: int,
     )
 
 
+_CPU64 = dict(size=64, spacing_mm=2.5, z_dim=128, w_dim=128, mapping_layers=2,
+              d_base=1024, d_max=128, e_base=1024, e_max=64, unet_base=32, unet_max=256,
+              unet_depth=4, s_base=1024, s_max=64)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": _preset("tiny", size=32, spacing_mm=6.0, z_dim=32, w_dim=32, mapping_layers=2,
                     g_base=256, g_max=16, d_base=256, d_max=16, e_base=256, e_max=16,
@@ -222,11 +233,11 @@ PRESETS: dict[str, ModelConfig] = {
                        mapping_layers=8, g_base=16384, g_max=512, d_base=16384, d_max=512,
                        e_base=8192, e_max=256, unet_base=32, unet_max=512, unet_depth=4,
                        s_base=8192, s_max=256),
-    "cpu64": _preset("cpu64", size=64, spacing_mm=2.5, z_dim=128, w_dim=128,
-                     mapping_layers=2, g_base=1024, g_max=128, d_base=1024, d_max=128,
-                     e_base=1024, e_max=64, unet_base=32, unet_max=256, unet_depth=4,
-                     s_base=1024, s_max=64, lpips_layers=3),
+    "cpu64": _preset("cpu64", g_base=1024, g_max=128, lpips_layers=3, **_CPU64),
+    "cpu64w": _preset("cpu64w", g_base=1536, g_max=128, lpips_layers=2, **_CPU64),
 }
+
+CPU_PRESETS = ("cpu64", "cpu64w")
 
 
 def get_preset(name: str) -> ModelConfig:

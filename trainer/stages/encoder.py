@@ -20,6 +20,7 @@ from deeprecon.runtime.errors import UsageError
 
 from ..checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint, load_model,
                           model_modules, save_checkpoint, save_model)
+from ..config import CPU_PRESETS
 from ..data import BatchSampler
 from ..distributed import all_reduce_grads, barrier, broadcast_module
 from ..losses import psnr, reconstruction_loss
@@ -49,7 +50,7 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, lr=1e-3, checkpoint_every=2, log_every=1)
-        if preset == "cpu64":
+        if preset in CPU_PRESETS:
             return cls(steps=2000, batch=16, lr=1e-4, checkpoint_every=250)
         return cls()
 

@@ -44,6 +44,7 @@ from deeprecon.runtime.errors import UsageError
 from ..augment import AdaController, AugmentPipe
 from ..checkpoint import (COMPACT_FILE, MODEL_FILE, compact_extra, latest_checkpoint,
                           load_checkpoint, load_compact, save_checkpoint, save_compact, save_model)
+from ..config import CPU_PRESETS
 from ..data import BatchSampler
 from ..distributed import (all_reduce_grads, all_reduce_sum, barrier, broadcast_module,
                            decorrelate_rng, gather_rng_states, restore_rng_states)
@@ -120,7 +121,7 @@ class Config:
             return cls(steps=4, batch=4, r1_interval=2, pl_weight=2.0, pl_interval=2,
                        ema_kimg=0.01, ada_interval=1, ada_kimg=0.1, sample_every=2,
                        fd_every=4, fd_samples=16, checkpoint_every=2, log_every=1)
-        if preset == "cpu64":
+        if preset in CPU_PRESETS:
             # r1_gamma: StyleGAN2-ADA's 0.0002 R^2 / batch for 64 px at batch 32.
             return cls(steps=10000, batch=32, r1_gamma=0.0256, joint_encoder=True, rec_batch=16,
                        sample_every=500, fd_every=2000, fd_samples=1000,

@@ -34,6 +34,7 @@ from deeprecon.runtime.inversion import InversionSettings, hybrid_loss
 
 from ..checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
                           save_safetensors_atomic)
+from ..config import CPU_PRESETS
 from ..data import SliceSet
 from ..distributed import all_gather_cat, barrier
 from ..losses import psnr, ssim
@@ -67,7 +68,7 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=3, batch=4, checkpoint_every=1)
-        if preset == "cpu64":
+        if preset in CPU_PRESETS:
             return cls(steps=50, batch=32, checkpoint_every=4)
         return cls()
 

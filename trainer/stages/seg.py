@@ -26,7 +26,7 @@ import torch
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
 
 from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
-from ..config import N_CLASSES
+from ..config import CPU_PRESETS, N_CLASSES
 from ..data import BatchSampler, build_slices
 from ..distributed import (all_reduce_grads, barrier, broadcast_module, decorrelate_rng,
                            gather_rng_states, restore_rng_states)
@@ -62,7 +62,7 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, checkpoint_every=2, log_every=1)
-        if preset == "cpu64":
+        if preset in CPU_PRESETS:
             return cls(steps=8000, batch=16, lr=2e-3, lr_min=5e-5, affine=True,
                        checkpoint_every=500, log_every=50)
         return cls()

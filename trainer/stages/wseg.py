@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from deeprecon.runtime.errors import InvalidStudyError
 
+from ..config import CPU_PRESETS
 from ..networks import WSegNet
 from ..run import RunContext, upstream
 from .common import check_class_weights, seed_all
@@ -35,7 +36,7 @@ class Config:
     def for_preset(cls, preset: str) -> "Config":
         if preset == "tiny":
             return cls(steps=4, batch=4, checkpoint_every=2, log_every=1)
-        if preset == "cpu64":
+        if preset in CPU_PRESETS:
             return cls(steps=6000, batch=32, lr=2e-3, lr_min=5e-5, checkpoint_every=500)
         return cls()
 
