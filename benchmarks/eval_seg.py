@@ -9,9 +9,10 @@ For every validation patient (ED and ES, manual labels), on the native grid:
 - ``W+SegNet`` (with ``--wseg RUN``): the mask network on the w* of the largest K.
 
 DirectSeg and W+SegNet probabilities go back to the native grid the way the pipeline's
-go (class probabilities resampled, then argmax). Metrics per structure (LVC, LVM, RVC)
-per patient-phase volume: 3D Dice and HD95 (mm, the real voxel spacing); mean (sd) over
-the volumes. Image quality on the model grid inside the heart ROI (the labelled heart
+go (class probabilities resampled, then argmax), and every row keeps each structure's
+largest 3D part as ``reconstruct`` does (``--keep-islands``: the labels as they are).
+Metrics per structure (LVC, LVM, RVC) per patient-phase volume: 3D Dice and HD95 (mm,
+the real voxel spacing); mean (sd) over the volumes. Image quality on the model grid inside the heart ROI (the labelled heart
 dilated by 10 mm, as in training): PSNR and SSIM of G(E(x)) (K = 0) and of G(w*).
 Seconds per study: the pipeline's own stage timings, end to end with the
 high-resolution volume at the default interpolation.
@@ -36,6 +37,7 @@ from deeprecon.runtime.io import load_study
 from deeprecon.runtime.jsonsafe import json_safe
 from deeprecon.runtime.metrics import evaluate_segmentation
 from deeprecon.runtime.pipeline import Reconstructor
+from deeprecon.runtime.postprocess import keep_largest_component
 from deeprecon.runtime.preprocess import prepare
 from deeprecon.trainer.config import ModelConfig
 from deeprecon.trainer.data import heart_roi
@@ -96,8 +98,15 @@ def _mean_sd(values) -> dict:
 
 
 def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
-             direct: Path | None, wseg: Path | None, batch: int | None = None) -> dict:
+             direct: Path | None, wseg: Path | None, batch: int | None = None,
+             largest_component: bool = True) -> dict:
     rows: dict[str, dict] = {}
+
+    def post(labels, study):  # the pipeline's step, on the rows that bypass it
+        if not largest_component:
+            return labels
+        return keep_largest_component(labels, study.geometry.pixel_spacing)[0]
+
     rec = Reconstructor(bundle, backend="torch", device="cpu")
     model = ModelConfig.from_dict(rec.bundle.manifest["model"]["config"])
     dnet = wnet = None
@@ -120,12 +129,13 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
         if dnet is not None:
             t0 = time.perf_counter()
             probs = _probs(dnet, images.reshape(P * S, 1, R, R))
-            labels = transform.labels_to_native(probs.reshape(P, S, -1, R, R))
+            labels = post(transform.labels_to_native(probs.reshape(P, S, -1, R, R)), study)
             entry["rows"]["DirectSeg"] = {"metrics": _metrics(labels, ref, spacing),
                                           "seconds": time.perf_counter() - t0}
         for k in steps:
             opts = {} if batch is None else {"batch": batch}
-            res = rec.reconstruct(study, steps=k, phases="all", **opts)
+            res = rec.reconstruct(study, steps=k, phases="all",
+                                  largest_component=largest_component, **opts)
             name = "DeepRecon_no" if k == 0 else f"DeepRecon_{k}"
             q = _image_quality(res.model_images.reshape(P * S, R, R),
                                res.model_recon.reshape(P * S, R, R), roi)
@@ -137,7 +147,7 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
             entry["_pictures"]["x"] = res.model_images[:, S // 2]
             if wnet is not None and k == max(steps):
                 probs = _probs(wnet, res.latents.reshape((P * S,) + res.latents.shape[2:]))
-                labels = transform.labels_to_native(probs.reshape(P, S, -1, R, R))
+                labels = post(transform.labels_to_native(probs.reshape(P, S, -1, R, R)), study)
                 entry["rows"]["W+SegNet"] = {"metrics": _metrics(labels, ref, spacing),
                                              "code_from": name}
         per_patient.append(entry)
@@ -226,6 +236,9 @@ def main() -> None:
     ap.add_argument("--max-patients", type=int)
     ap.add_argument("--batch", type=int, help="inversion batch (default: the bundle's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-islands", action="store_true",
+                    help="score the networks' labels as they are (default: every row keeps "
+                         "each structure's largest 3D part, as reconstruct does)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_seg_acdc_val.json")
     ap.add_argument("--md", type=Path, help="also write the table as markdown here")
     ap.add_argument("--figure", type=Path, help="a PNG of real vs G(E(x)) vs G(w*) mid slices")
@@ -235,13 +248,15 @@ def main() -> None:
     patients = load_split()[args.split][:args.max_patients]
     t0 = time.time()
     result = evaluate(data, patients, bundle=args.bundle, steps=args.steps, direct=args.direct,
-                      wseg=args.wseg, batch=args.batch)
+                      wseg=args.wseg, batch=args.batch,
+                      largest_component=not args.keep_islands)
     result.update({
         "protocol": {"data": str(args.data), "split": args.split, "patients": patients,
                      "volumes": "every labelled phase (ED, ES) of each patient is one 3D volume; "
                                 "mean (sd) over the volumes",
                      "metrics": "3D Dice and HD95 (mm, MedPy pooled) on the native grid",
                      "image_roi": "labelled heart dilated by 10 mm on the model grid",
+                     "largest_component": not args.keep_islands,
                      "runs": {"direct": str(args.direct) if args.direct else None,
                               "wseg": str(args.wseg) if args.wseg else None,
                               "direct_run": read_run(args.direct) if args.direct else None}},

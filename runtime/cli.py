@@ -287,6 +287,9 @@ def _shipped_default() -> str:
 _BUNDLE_HELP = f"Model bundle folder (default: $DEEPRECON_BUNDLE when set, else {_shipped_default()})."
 _DEVICE_HELP = ("auto, cpu, cuda or cuda:N. auto: CUDA when the backend sees a CUDA device, "
                 "else the CPU; a device that cannot be used is an error (never a fallback).")
+_ISLANDS_HELP = ("Keep every part of each structure's segmentation. By default each "
+                 "structure keeps its largest 3D part (parts up to 10 mm apart count as "
+                 "one); the run report says how much was removed.")
 _BACKEND_HELP = ("auto, onnxruntime or torch. auto: onnxruntime when it is installed and the "
                  "bundle has its ONNX graphs (no torch needed, faster on a CPU), else torch.")
 
@@ -307,6 +310,7 @@ def reconstruct(
     phase_names: Optional[str] = typer.Option(None, "--phase-names", help=_PHASE_NAMES_HELP),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop an image's inversion after this many steps without improvement (0: never; default: the bundle's)."),
+    keep_islands: bool = typer.Option(False, "--keep-islands", help=_ISLANDS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the measures and timings as JSON."),
 ):
     """Segment a study, reconstruct its high-resolution volume and compute the clinical measures."""
@@ -323,7 +327,8 @@ def reconstruct(
     with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
         result = rec.reconstruct(loaded, steps=0 if fast else steps, interp=interp,
                                  phases=phases, progress=progress, batch=batch,
-                                 early_stop_patience=patience)
+                                 early_stop_patience=patience,
+                                 largest_component=not keep_islands)
         result.timings["load"] = t_load
         result.options["series"] = series
         write_outputs(result, out, progress=progress)
@@ -342,6 +347,7 @@ def cohort_cmd(
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: from each study's slice gap)."),
     phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices, for every study (default: ED and ES when known, else all)."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images inverted together (default: the bundle's)."),
+    keep_islands: bool = typer.Option(False, "--keep-islands", help=_ISLANDS_HELP),
     num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the cohort into this many parts (run one process per part)."),
     part_id: int = typer.Option(0, "--part-id", min=0, help="Which part this process runs (0 .. num-parts - 1)."),
     engine: str = typer.Option("local", "--engine", help="local (one study after the other here) or ray (Ray Data actors, each loading the bundle once)."),
@@ -359,7 +365,8 @@ def cohort_cmd(
         raise UsageError(f"unknown engine {engine!r}", hint=f"known: {', '.join(ENGINES)}")
     part_of([], num_parts, part_id)  # the part arguments, before the bundle is opened
     worker = WorkerSpec(bundle, backend, device, {"steps": 0 if fast else steps, "interp": interp,
-                                                  "phases": phases, "batch": batch})
+                                                  "phases": phases, "batch": batch,
+                                                  "largest_component": not keep_islands})
 
     def on_study(done: int, total: int, outcome) -> None:
         if _verbosity["level"] <= logging.INFO:

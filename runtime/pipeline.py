@@ -48,6 +48,7 @@ from .backends import InversionSettings, Progress, open_backend
 from .bundle import Bundle, default_bundle_path, load_bundle
 from .errors import UsageError
 from .measures import clinical_measures, plausibility_flags, study_measures, voxel_volume_ml
+from .postprocess import BRIDGE_MM, island_warnings, keep_largest_component
 from .preprocess import prepare
 from .result import Result
 from .study import Geometry, Study
@@ -268,7 +269,7 @@ class Reconstructor:
     def reconstruct(self, study: Study | str | Path, *, steps: int | None = None,
                     interp: int | None = None, phases: str | Sequence[int] | None = None,
                     series: str | None = None, progress: Progress = None,
-                    **inversion: Any) -> Result:
+                    largest_component: bool = True, **inversion: Any) -> Result:
         """Segment and reconstruct one study.
 
         study:    a :class:`Study`, or a path (DICOM folder, NIfTI file, ACDC folder).
@@ -278,6 +279,10 @@ class Reconstructor:
         phases:   see :func:`parse_phases` (default ED and ES when known, else all).
         series:   SeriesInstanceUID when ``study`` is a DICOM folder with several.
         progress: optional callback (stage, done, total).
+        largest_component: keep each structure's largest 3D component (parts less than
+                  :data:`~.postprocess.BRIDGE_MM` apart count as one) in the native and
+                  the high-resolution labels; the rest becomes background (see
+                  :mod:`.postprocess`). False keeps the networks' labels as they are.
         inversion: other :class:`InversionSettings` overrides (lr, lambda1, ...).
         """
         stages = _Stages()
@@ -353,8 +358,17 @@ class Reconstructor:
                 latents, interp, progress, images=recon, labels=model_labels)
         model_geo = transform.model_geometry(sub.geometry)
         hr_geo = hr_geometry(model_geo, interp)
-
         frames = [int(study.phase_ids[p]) for p in sel]
+        islands = None
+        if largest_component:
+            with stages("postprocess"):
+                labels, removed = keep_largest_component(labels, sub.geometry.pixel_spacing)
+                hr_labels, removed_hr = keep_largest_component(hr_labels, model_geo.pixel_spacing)
+            model_labels = np.ascontiguousarray(hr_labels[:, ::interp])
+            islands = {"bridge_mm": BRIDGE_MM, "removed_native": removed.round(6).tolist(),
+                       "removed_hr": removed_hr.round(6).tolist()}
+            warnings += island_warnings(removed, frames)
+
         with stages("measures"):
             measures = self._measures(sub, labels, hr_labels, hr_geo, interp)
             flags = self._plausibility(measures, labels, hr_labels, frames)
@@ -371,7 +385,8 @@ class Reconstructor:
         options = {"steps": settings.steps, "interp": interp, "phases": list(sel),
                    "phase_ids": frames,
                    "backend": self.backend.name, "device": self.backend.device,
-                   "series": series, "backend_info": self.backend.info()}
+                   "series": series, "backend_info": self.backend.info(),
+                   "largest_component": islands}
         for w in warnings:
             log.warning("%s", w)
         return Result(study=study, phases=sel, transform=transform, labels=labels,

@@ -36,10 +36,13 @@ class Result:
     phases:        indices into ``study``'s phase axis of the P reconstructed phases,
                    in order; ``ed_index``/``es_index`` index into *these* P phases.
     transform:     the native <-> model grid transform of this study.
-    labels:        [P, S, H, W] uint8 segmentation on the native grid.
+    labels:        [P, S, H, W] uint8 segmentation on the native grid (each structure
+                   its largest 3D part unless ``options["largest_component"]`` is None,
+                   see :mod:`deeprecon.runtime.postprocess`).
     model_images:  [P, S, R, R] float32 preprocessed inputs x.
     model_recon:   [P, S, R, R] float32 G(w*).
-    model_labels:  [P, S, R, R] uint8 Seg(G(w*)).
+    model_labels:  [P, S, R, R] uint8 Seg(G(w*)) (post-processed as ``hr_labels``, whose
+                   native slices they are).
     latents:       [P, S, L, C] float32 w*.
     hr_images, hr_labels, hr_geometry: the high-resolution volume (see module doc);
                    ``interp`` = 1 means no slices between the native ones.

@@ -61,13 +61,17 @@ def test_reconstruct_acdc_writes_every_output(tiny_bundle, acdc_patient001, tmp_
     report = json.loads((out / "run_report.json").read_text())
     assert report["bundle"]["sha256"] and report["timings_s"]["invert"] >= 0
     assert summary["measures"]["native"]["LVEDV (mL)"] >= 0
+    islands = report["options"]["largest_component"]   # on by default, recorded
+    assert islands["bridge_mm"] == 10.0 and len(islands["removed_native"]) == 2
 
     # a second run into the same folder replaces it, leaving nothing else behind
     first = man["files"]["measures.json"]["sha256"]
     rc = run(["reconstruct", str(acdc_patient001), "-o", str(out), "--bundle", str(tiny_bundle),
-              "--fast", "--interp", "1", "--json"])
+              "--fast", "--interp", "1", "--json", "--keep-islands"])
     assert rc == 0
     assert _leftovers(tmp_path, {"out"}) == []
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["options"]["largest_component"] is None
     man2 = _outputs_manifest(out)
     assert man2["files"]["measures.json"]["sha256"] != first
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}

@@ -215,3 +215,27 @@ def test_reconstructor_errors(tiny_bundle, monkeypatch):
             Reconstructor(tiny_bundle, device="cuda:0")
     with pytest.raises(UnavailableError, match="no reference bundle"):
         Reconstructor(None)
+
+
+def test_reconstruct_keeps_each_structures_largest_part(rec):
+    """By default each structure keeps its largest 3D part, in the native and the
+    high-resolution labels, and the run records it; largest_component=False keeps the
+    network's labels, which differ from the default's only where voxels became
+    background."""
+    from deeprecon.runtime.postprocess import keep_largest_component
+
+    st = _phantom()
+    raw = rec.reconstruct(st, steps=0, interp=2, largest_component=False)
+    res = rec.reconstruct(st, steps=0, interp=2)
+    assert raw.options["largest_component"] is None
+    info = res.options["largest_component"]
+    assert set(info) == {"bridge_mm", "removed_native", "removed_hr"}
+    np.testing.assert_array_equal(
+        res.labels, keep_largest_component(raw.labels, st.geometry.pixel_spacing)[0])
+    np.testing.assert_allclose(
+        info["removed_native"],
+        keep_largest_component(raw.labels, st.geometry.pixel_spacing)[1], atol=1e-6)
+    changed = res.hr_labels != raw.hr_labels
+    assert (res.hr_labels[changed] == 0).all()
+    np.testing.assert_array_equal(res.hr_labels[:, ::2], res.model_labels)
+    assert "postprocess" in res.timings and "postprocess" not in raw.timings
