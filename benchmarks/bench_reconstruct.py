@@ -12,7 +12,10 @@ of the same preset. Early stopping is off (``early_stop_patience=0``) so that ev
 image takes exactly K steps and the figures do not depend on the weights.
 
 Each backend runs in a process of its own (onnxruntime's threads and torch's would
-otherwise share the cores of one timing), one after the other:
+otherwise share the cores of one timing), one after the other; with ``--rounds N`` the
+backends run N times, interleaved (A B, B A, A B, ...), so that a slow spell of a
+shared machine falls on both, and every figure of the summary is the median over the
+rounds:
 
 - per K (``--steps``): one cold call (graph warm-up included) recorded apart, then
   ``--repeats`` warm calls; per stage the median of the warm calls;
@@ -186,6 +189,28 @@ def floor(bundle: Path, images: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def _median_rounds(rounds: list[dict]) -> dict:
+    """Per backend, the first round's record with every timing the summary reads
+    (warm totals and stages per K, seconds per step per batch) replaced by its median
+    over the rounds."""
+    out = {}
+    for name, first in rounds[0].items():
+        recs = [r[name] for r in rounds]
+        merged = json.loads(json.dumps(first))
+        for i, run in enumerate(merged["runs"]):
+            run["warm_total_median_s"] = statistics.median(r["runs"][i]["warm_total_median_s"]
+                                                           for r in recs)
+            run["warm_median_s"] = {s: statistics.median(r["runs"][i]["warm_median_s"][s]
+                                                         for r in recs)
+                                    for s in run["warm_median_s"]}
+        for b, d in merged["step"]["per_batch"].items():
+            d["seconds_per_step"] = statistics.median(r["step"]["per_batch"][b]["seconds_per_step"]
+                                                      for r in recs)
+            d["seconds_per_image_step"] = d["seconds_per_step"] / merged["step"]["images"]
+        out[name] = merged
+    return out
+
+
 def _child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--bundle", str(args.bundle),
            "--study", str(args.study), "--device", args.device, "--repeats", str(args.repeats),
@@ -223,6 +248,8 @@ def main() -> None:
     ap.add_argument("--step-repeats", type=int, default=10)
     ap.add_argument("--interp", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the backends this many times, in alternating order")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive anchor")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
@@ -243,7 +270,11 @@ def main() -> None:
         built = None
     from deeprecon.runtime.bundle import load_bundle
     b = load_bundle(args.bundle)
-    backends = {name: _child(args, name) for name in args.backends}
+    rounds = []
+    for i in range(args.rounds):
+        order = args.backends if i % 2 == 0 else args.backends[::-1]
+        rounds.append({name: _child(args, name) for name in order})
+    backends = _median_rounds(rounds)
     naive = None if args.no_naive else _child(args, "naive")
     images = next(iter(backends.values()))["step"]["images"]
     fl = floor(args.bundle, images)
@@ -264,6 +295,16 @@ def main() -> None:
             summary["study_speedup_onnxruntime_vs_torch"] = {
                 str(ro["steps"]): rt["warm_total_median_s"] / ro["warm_total_median_s"]
                 for ro, rt in zip(o["runs"], t["runs"])}
+            # the inversion alone, as the pipeline runs it (its invert stage per step)
+            summary["pipeline_step_s"] = {
+                name: {str(r["steps"]): r["warm_median_s"]["invert"] / r["steps"]
+                       for r in backends[name]["runs"] if r["steps"] > 0}
+                for name in ("onnxruntime", "torch")}
+            if args.rounds > 1:
+                summary["study_speedup_per_round"] = [
+                    {str(ro["steps"]): rt["warm_total_median_s"] / ro["warm_total_median_s"]
+                     for ro, rt in zip(r["onnxruntime"]["runs"], r["torch"]["runs"])}
+                    for r in rounds]
         if naive is not None:
             ro = next(r for r in o["runs"] if r["steps"] == naive["steps"])
             summary["naive_invert_s"] = naive["invert_s"]
@@ -278,7 +319,9 @@ def main() -> None:
         "bundle": {"name": b.name, "preset": b.preset, "sha256": b.sha256,
                    "random": built is not None, "build_s": built},
         "study": str(args.study), "repeats": args.repeats, "early_stop": "off",
-        "backends": backends, "naive": naive, "floor": fl, "summary": summary,
+        "rounds": len(rounds), "backends": backends,
+        "backends_per_round": rounds if len(rounds) > 1 else None,
+        "naive": naive, "floor": fl, "summary": summary,
     }
     out = args.out or REPO / "benchmarks" / "results" / \
         f"reconstruct_{b.preset}_{args.device.split(':')[0]}.json"
