@@ -279,7 +279,7 @@ class Reconstructor:
         phases:   see :func:`parse_phases` (default ED and ES when known, else all).
         series:   SeriesInstanceUID when ``study`` is a DICOM folder with several.
         progress: optional callback (stage, done, total).
-        largest_component: keep each structure's largest 3D component (parts less than
+        largest_component: keep each structure's largest 3D component (parts up to
                   :data:`~.postprocess.BRIDGE_MM` apart count as one) in the native and
                   the high-resolution labels; the rest becomes background (see
                   :mod:`.postprocess`). False keeps the networks' labels as they are.
