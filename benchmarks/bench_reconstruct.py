@@ -36,6 +36,7 @@ Writes ``benchmarks/results/reconstruct_<preset>_<device>.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -196,7 +197,7 @@ def _median_rounds(rounds: list[dict]) -> dict:
     out = {}
     for name, first in rounds[0].items():
         recs = [r[name] for r in rounds]
-        merged = json.loads(json.dumps(first))
+        merged = copy.deepcopy(first)
         for i, run in enumerate(merged["runs"]):
             run["warm_total_median_s"] = statistics.median(r["runs"][i]["warm_total_median_s"]
                                                            for r in recs)
