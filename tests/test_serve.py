@@ -75,6 +75,17 @@ def _phantom(seed: int, slices: int = 6):
 
 
 # ----------------------------------------------------------------------------- peers
+def _is_whole_seg(ds) -> bool:
+    """A SEG that storescp has finished writing. storescp writes straight to the final
+    name and pydicom reads a file cut between two elements without an error (CI once read
+    one without its functional groups), so the pixel data, the last element, must be
+    whole: one bit per pixel per frame, padded to an even length."""
+    if ds.get("Modality") != "SEG" or "PixelData" not in ds:
+        return False
+    bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1))
+    return len(ds.PixelData) >= (bits + 7) // 8
+
+
 class Receiver:
     """dcmtk's storescp: where the node sends its SEG."""
 
@@ -106,7 +117,7 @@ class Receiver:
                     ds = pydicom.dcmread(f)
                 except Exception:  # noqa: BLE001 - storescp may still be writing it
                     continue
-                if ds.Modality == "SEG" and ds.StudyInstanceUID == study_uid:
+                if _is_whole_seg(ds) and ds.StudyInstanceUID == study_uid:
                     found.append(ds)
             if len(found) >= n or time.monotonic() > end:
                 assert len(found) == n, f"{len(found)} of {n} SEG of {study_uid} arrived"
