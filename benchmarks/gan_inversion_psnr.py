@@ -31,6 +31,14 @@ from provenance import cpu_model, git_info
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _file_format(path: Path) -> str | None:
+    """The ``format`` field of a safetensors file's metadata (compact or model file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("state", type=Path, help="compact.safetensors or a gan run's model.safetensors")
@@ -48,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     m = get_preset(args.preset)
     G, E = Generator(m.generator), Encoder(m.encoder)
-    if args.state.name == "compact.safetensors":
+    if _file_format(args.state) == "deeprecon-compact":
         step, _, _ = load_compact(args.state, stage="gan", modules={"G_ema": G, "E": E})
     else:
         load_model(args.state, {"G": G, "E": E})
