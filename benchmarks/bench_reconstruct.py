@@ -22,14 +22,15 @@ rounds:
 - the inversion step alone, per inversion batch (``--batches``): the difference of two
   ``invert`` calls on the study's images, 2 and 2 + ``--step-repeats`` steps, so that
   the once-per-call work cancels out: seconds per step and per image on the runner's
-  real path (cached LPIPS features on onnxruntime, Adam, the fused kernel);
+  real path (cached LPIPS features and the hybrid_grad graph on onnxruntime, the fused
+  kernel on torch; Adam);
 - the naive anchor (its own process): the paper's loop, one image at a time, Adam from
   ``torch.optim``, the unfused plain-PyTorch loss (the kernel's reference
   implementation, LPIPS of (x, y) recomputed every step), eager, at the first K > 0.
 
-The floor of the onnxruntime step: the FLOPs of its graphs (G forward + the
-hybrid_grad graph, ``torch.utils.flop_counter`` on the modules they were exported
-from) over the float32 matmul rate measured in the same run.
+The floor of the onnxruntime step: the FLOPs of its graph (hybrid_grad,
+``torch.utils.flop_counter`` on the module it was exported from) over the float32
+matmul rate measured in the same run.
 
 Writes ``benchmarks/results/reconstruct_<preset>_<device>.json``.
 """
@@ -155,8 +156,8 @@ def naive_worker(args) -> dict:
 
 
 def floor(bundle: Path, images: int) -> dict:
-    """FLOPs of the onnxruntime inversion step for ``images`` images (G forward +
-    hybrid_grad) and the float32 matmul rate of this machine, now."""
+    """FLOPs of the onnxruntime inversion step for ``images`` images (the hybrid_grad
+    graph) and the float32 matmul rate of this machine, now."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -173,11 +174,12 @@ def floor(bundle: Path, images: int) -> dict:
     lp = load_lpips(layers=m.lpips_layers)
     R, L, C = m.resolution, G.num_ws, G.w_dim
     w = torch.randn(images, L, C)
-    fx = LpipsFeatures(lp)(torch.rand(images, 1, R, R))
+    x = torch.rand(images, 1, R, R)
+    fx = LpipsFeatures(lp)(x)
     hg = HybridGrad(G, E, lp)
     with FlopCounterMode(display=False) as fc:
-        G(w)
-        hg(w, *fx, torch.zeros(images, 1, R, R), torch.tensor([1.0, 0.1]))
+        hg(w, x, torch.ones(images, 1, R, R), *fx, torch.tensor([1.0, 0.5, 0.1]),
+           torch.tensor([9]))
     gflop = fc.get_total_flops() / 1e9
     a, c = torch.randn(1024, 1024), torch.randn(1024, 1024)
     for _ in range(3):

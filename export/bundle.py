@@ -25,7 +25,8 @@ How a bundle is written, and why:
   which would otherwise pickle them (the runtime refuses any pickle in a bundle);
 - every artifact is loaded back (ONNX graphs in onnxruntime) and run on a fresh random
   batch of 3 (a batch size it was not traced with) against PyTorch: the module, or for
-  hybrid_grad ``torch.func.vjp`` of the real networks' loss. An output that differs by
+  hybrid_grad autograd of the runtime's inversion loss (``hybrid_loss``: the real
+  networks and the fused NCC/ROI op). An output that differs by
   more than ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`;
   the errors measured go into the manifest (``artifacts.<kind>.check``);
 - manifest.json is written last, into a hidden temporary folder beside ``out`` that is
@@ -51,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from deeprecon.runtime.bundle import (BATCH, BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
                                       check_program_archive, graph_specs, load_bundle)
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
-from deeprecon.runtime.inversion import InversionSettings
+from deeprecon.runtime.inversion import InversionSettings, hybrid_loss
 from deeprecon.runtime.publish import sha256_file, staged_folder
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
@@ -184,13 +185,22 @@ def _graph_module(graph: str, nets: Mapping[str, torch.nn.Module]) -> torch.nn.M
 class _Inputs:
     """Random inputs of the graphs (float32, CPU): images uniform in [-1, 1]
     [B, 1, R, R]; w+ = w_avg + N(0, 1) [B, L, C]; the LPIPS features of random images;
-    an external gradient of the size of the fused terms' (0.01 N(0, 1)); lambdas
-    (lambda1, lambda3) of the inversion defaults."""
+    a 0/1 ROI of a disc of random centre and radius; lambdas (lambda1, lambda2, lambda3)
+    and the NCC window of the inversion defaults."""
 
-    def __init__(self, model: ModelConfig, w_avg: torch.Tensor, lpips_features, lambdas, seed: int):
+    def __init__(self, model: ModelConfig, w_avg: torch.Tensor, lpips_features, lambdas,
+                 ncc_window: int, seed: int):
         self.r, self.num_ws, self.w_dim = model.resolution, model.generator.num_ws, model.generator.w_dim
         self.w_avg, self.features, self.lambdas = w_avg, lpips_features, lambdas
+        self.ncc_window = torch.tensor([ncc_window], dtype=torch.int64)
         self.gen = torch.Generator().manual_seed(seed)
+
+    def roi(self, batch: int) -> torch.Tensor:
+        c = (0.25 + 0.5 * torch.rand(batch, 2, generator=self.gen)) * self.r
+        radius = (0.1 + 0.2 * torch.rand(batch, generator=self.gen)) * self.r
+        yy, xx = torch.meshgrid(torch.arange(self.r), torch.arange(self.r), indexing="ij")
+        d2 = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2
+        return (d2 <= radius[:, None, None] ** 2).float()[:, None].contiguous()
 
     def image(self, batch: int) -> torch.Tensor:
         return torch.rand(batch, 1, self.r, self.r, generator=self.gen) * 2 - 1
@@ -204,34 +214,35 @@ class _Inputs:
         if graph == "lpips":
             return (self.image(batch), self.image(batch))
         if graph == "hybrid_grad":
+            x = self.image(batch)
             with torch.no_grad():
-                fx = self.features(self.image(batch))
-            g_ext = 0.01 * torch.randn(batch, 1, self.r, self.r, generator=self.gen)
-            return (self.w(batch), *fx, g_ext, self.lambdas.clone())
+                fx = self.features(x)
+            return (self.w(batch), x, self.roi(batch), *fx, self.lambdas.clone(),
+                    self.ncc_window.clone())
         return (self.image(batch),)
 
 
 class _HybridReference(torch.nn.Module):
-    """The hybrid_grad graph's outputs by autograd (``torch.func.vjp``) of the real
-    networks: the reference its explicit VJP is checked against. Same inputs and
-    outputs as the graph (:func:`~deeprecon.runtime.bundle.graph_specs`)."""
+    """The hybrid_grad graph's outputs by autograd of the inversion loss as the runtime
+    defines it (:func:`deeprecon.runtime.inversion.hybrid_loss`: the real networks and
+    the fused NCC/ROI op): the reference its explicit VJP is checked against. Same inputs
+    and outputs as the graph (:func:`~deeprecon.runtime.bundle.graph_specs`)."""
 
     def __init__(self, G, E, lp):
         super().__init__()
         self._nets = (G, E, lp)  # not submodules: nothing of this module is exported
 
-    def forward(self, w, *args):
+    def forward(self, w, x, roi, *args):
         G, E, lp = self._nets
-        *fx, g_ext, lam = args
-
-        def loss(wa):
-            y = G(wa)
-            rest = lam[0] * lp.distance_to(list(fx), y) + lam[1] * (wa - E(y)).square().mean(dim=(1, 2))
-            return rest + (y * g_ext).sum(dim=(1, 2, 3)), rest
-
-        (total, rest), vjp = torch.func.vjp(loss, w)   # a transform: runs under no_grad too
-        (grad,) = vjp((torch.ones_like(total), torch.zeros_like(rest)))
-        return rest.detach(), grad.detach()
+        *fx, lam, ncc_window = args
+        with torch.enable_grad():
+            wr = w.detach().clone().requires_grad_(True)
+            loss, _ = hybrid_loss(wr, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
+                                  lpips_to_x=lambda y: lp.distance_to(list(fx), y),
+                                  lambda1=float(lam[0]), lambda2=float(lam[1]),
+                                  lambda3=float(lam[2]), ncc_window=int(ncc_window[0]))
+            (grad,) = torch.autograd.grad(loss.sum(), wr)
+        return loss.detach(), grad.detach()
 
 
 def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int) -> dict:
@@ -348,8 +359,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
     specs = graph_specs(resolution=r, num_ws=num_ws, w_dim=w_dim, n_classes=len(labels),
                         lpips_shapes=[tuple(f.shape[1:]) for f in probe])
     graphs = [g for g in GRAPHS if onnx or g not in GRADIENT_GRAPHS]
-    lambdas = torch.tensor([inv["lambda1"], inv["lambda3"]], dtype=torch.float32)
-    inputs = _Inputs(model, w_avg, features, lambdas, seed=0)
+    lambdas = torch.tensor([inv["lambda1"], inv["lambda2"], inv["lambda3"]], dtype=torch.float32)
+    inputs = _Inputs(model, w_avg, features, lambdas, int(inv["ncc_window"]), seed=0)
 
     t_all = time.perf_counter()
     # published atomically: a staging folder beside out, renamed onto it once verified
@@ -450,7 +461,7 @@ def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
                 nets: Mapping[str, torch.nn.Module]) -> dict:
     """The ONNX graph of ``graph`` (batch dynamic), its weights linked into the
     safetensors files, run in onnxruntime and checked: forward graphs against the
-    module, ``hybrid_grad`` against ``torch.func.vjp`` of the real networks."""
+    module, ``hybrid_grad`` against autograd of the runtime's ``hybrid_loss``."""
     import onnx as onnx_lib
 
     example = inputs(graph, EXAMPLE_BATCH)
@@ -465,7 +476,7 @@ def _write_onnx(tmp: Path, rel: str, graph: str, module: torch.nn.Module,
                  if o.domain in ("", "ai.onnx"))
     if graph == "hybrid_grad":
         reference, what = _HybridReference(nets["generator"], nets["encoder"], nets["lpips"]), \
-            "torch.func.vjp"
+            "autograd of hybrid_loss"
     else:
         reference, what = module, "module"
     report = verify_onnx(path, reference, inputs(graph, VERIFY_BATCH), rtol=VERIFY_RTOL,

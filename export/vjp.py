@@ -23,9 +23,9 @@ Modules (all ``nn.Module``, inputs and outputs float32, batch dimension free):
 - :class:`GeneratorVJP`  (w [B, L, C], g_image [B, 1, R, R]) -> (image, g_w)
 - :class:`EncoderVJP`    (image [B, 1, R, R], g_w [B, L, C]) -> (w, g_image)
 - :class:`LpipsFeatures` x [B, 1, R, R] -> the unit-normalised LPIPS features of x
-- :class:`HybridGrad`    the inversion's gradient (:mod:`deeprecon.runtime.inversion`)
-  given the NCC/ROI term's gradient at G(w) from the fused kernel:
-  (w, features of x..., g_ext, lambdas) -> (loss, grad)
+- :class:`HybridGrad`    the inversion's loss and gradient (:mod:`deeprecon.runtime.inversion`),
+  the fused kernel's NCC/ROI-L2 terms in closed form (:func:`ncc_roi_terms`):
+  (w, x, roi, features of x..., lambdas, ncc_window) -> (loss, grad)
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeprecon.runtime.inversion import MAX_NCC_WINDOW
 from deeprecon.trainer.lpips import LPIPS, MIN_SIZE
 from deeprecon.trainer.networks.encoder import Encoder
 from deeprecon.trainer.networks.generator import Generator
@@ -410,6 +411,56 @@ def lpips_distance(tape: Tape, lp: LPIPS, x_features: Sequence[torch.Tensor], fe
     return dist
 
 
+def _box_sums(t: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Per channel, the 'same' sum of t [B, C, H, W] over a separable window of 1-D
+    ``taps`` [K] (K odd), zero padding."""
+    c, k = t.shape[1], taps.shape[0]
+    t = F.conv2d(t, taps.view(1, 1, k, 1).expand(c, 1, k, 1), padding=(k // 2, 0), groups=c)
+    return F.conv2d(t, taps.view(1, 1, 1, k).expand(c, 1, 1, k), padding=(0, k // 2), groups=c)
+
+
+def ncc_roi_terms(x: torch.Tensor, y: torch.Tensor, roi: torch.Tensor, ncc_window: torch.Tensor,
+                  lambda_roi: torch.Tensor, lambda_ncc: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's loss (box window; definition in ``deeprecon.cpp_ext.reference``)
+    and its gradient with respect to y, in closed form, as plain forward ops.
+
+    x, y, roi [B, 1, H, W]; ncc_window int64 [1], odd, <= MAX_NCC_WINDOW (the box is a
+    MAX_NCC_WINDOW-tap filter whose middle ncc_window taps are 1: with zero padding that
+    is exactly the ncc_window box); lambda_roi, lambda_ncc scalars.
+    Returns (loss [B], dloss/dy [B, 1, H, W]).
+
+    The window's weights are symmetric, so the adjoint of a local sum is the same local
+    sum; with S = local sum, n = k * k, cross, varx, vary and cc as in the reference and
+    D = varx vary + eps:  dcc/dSxy = 2 cross / D, dcc/dSyy = -cc varx / D,
+    dcc/dSy = -(Sx dcc/dSxy + 2 Sy dcc/dSyy) / n, and
+    dloss/dy = S(g_Sy) + 2 y S(g_Syy) + x S(g_Sxy) - 2 lambda_roi roi (x - y) / (sum roi + eps).
+    """
+    from deeprecon.cpp_ext.reference import EPS
+
+    half = torch.div(ncc_window, 2, rounding_mode="floor").to(x.dtype)           # [1]
+    centre = torch.arange(MAX_NCC_WINDOW, dtype=x.dtype) - MAX_NCC_WINDOW // 2
+    taps = (centre.abs() <= half).to(x.dtype)                                   # [K]
+    n = taps.sum().square()
+    sx, sy, sxx, syy, sxy = _box_sums(torch.cat([x, y, x * x, y * y, x * y], 1), taps).split(1, 1)
+    cross = sxy - sx * sy / n
+    varx = sxx - sx * sx / n
+    vary = syy - sy * sy / n
+    den_cc = varx * vary + EPS
+    cc = cross * cross / den_cc                                                  # [B, 1, H, W]
+    den_roi = roi.sum(dim=(1, 2, 3), keepdim=True) + EPS                        # [B, 1, 1, 1]
+    diff = x - y
+    loss = (lambda_roi * (roi * diff * diff).sum(dim=(1, 2, 3), keepdim=True) / den_roi).flatten() \
+        - lambda_ncc * cc.mean(dim=(1, 2, 3))
+    a = -lambda_ncc / (x.shape[2] * x.shape[3])                                  # dloss/dcc
+    g_sxy = a * 2.0 * cross / den_cc
+    g_syy = -a * cc * varx / den_cc
+    g_sy = -(g_sxy * sx + 2.0 * g_syy * sy) / n
+    s_sy, s_syy, s_sxy = _box_sums(torch.cat([g_sy, g_syy, g_sxy], 1), taps).split(1, 1)
+    grad = s_sy + 2.0 * y * s_syy + x * s_sxy - 2.0 * lambda_roi * roi * diff / den_roi
+    return loss, grad
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -484,16 +535,18 @@ class LpipsVJP(nn.Module):
 
 
 class HybridGrad(nn.Module):
-    """The inversion loss's gradient graph, given the fused NCC/ROI term from outside.
+    """The inversion loss (:func:`deeprecon.runtime.inversion.hybrid_loss`) and its
+    gradient with respect to w, as one graph.
 
-    Inputs: w [B, L, C]; the normalised LPIPS features of x (:class:`LpipsFeatures`,
-    one input per layer); g_ext [B, 1, R, R], the gradient at y = G(w) of the terms
-    computed outside the graph (the fused kernel's ROI-L2 and NCC); lambdas [2] =
-    (lambda1, lambda3).
+    Inputs: w [B, L, C]; x, roi [B, 1, R, R]; the normalised LPIPS features of x
+    (:class:`LpipsFeatures`, one input per layer); lambdas [3] = (lambda1, lambda2,
+    lambda3); ncc_window int64 [1] (odd, 3 .. MAX_NCC_WINDOW).
 
-    Outputs: loss [B] = lambda1 LPIPS(x, y) + lambda3 mean((w - E(y))^2) (the fused
-    terms are added by the caller), and grad [B, L, C], the gradient with respect to w
-    of that loss plus the external terms.
+    Outputs: loss [B] = lambda1 (LPIPS(x, y) + ROI-L2) - lambda2 NCC + lambda3
+    mean((w - E(y))^2) with y = G(w), and grad [B, L, C] = dloss/dw. The ROI-L2 and NCC
+    terms are :func:`ncc_roi_terms` (closed form): computing them here instead of in
+    the fused kernel between two graphs spares a second forward pass of G per step
+    (docs/runtime.md has the measurement).
     """
 
     def __init__(self, generator: Generator, encoder: Encoder, lpips: LPIPS):
@@ -509,19 +562,20 @@ class HybridGrad(nn.Module):
             encoder_forward(tape, self.mats, encoder, y)
             lpips_features(tape, self.mats, lpips, y)
 
-    def forward(self, w: torch.Tensor, *args: torch.Tensor):
-        *fx, g_ext, lambdas = args
-        lam1, lam3 = lambdas[0], lambdas[1]
+    def forward(self, w: torch.Tensor, x: torch.Tensor, roi: torch.Tensor, *args: torch.Tensor):
+        *fx, lambdas, ncc_window = args
+        lam1, lam2, lam3 = lambdas[0], lambdas[1], lambdas[2]
         tape = Tape()
         ws = [tape.leaf(t) for t in w.unbind(1)]
         y = generator_forward(tape, self.mats, self.synthesis, ws)
+        loss_fused, g_fused = ncc_roi_terms(x, y, roi, ncc_window, lam1, lam2)
         d = lpips_distance(tape, self.lpips, fx, lpips_features(tape, self.mats, self.lpips, y))
         e, offsets = encoder_forward(tape, self.mats, self.encoder, y)
         n = w.shape[1] * w.shape[2]
         diff = w - e
-        loss = lam1 * d + lam3 * diff.square().mean(dim=(1, 2))
+        loss = loss_fused + lam1 * d + lam3 * diff.square().mean(dim=(1, 2))
         g_latent = (2.0 / n) * lam3 * diff                                 # d/dw, direct
-        seeds = [(y, g_ext), (d, lam1 * torch.ones_like(d))]
+        seeds = [(y, g_fused), (d, lam1 * torch.ones_like(d))]
         seeds += list(zip(offsets, (-g_latent).unbind(1)))                  # through E(G(w))
         gws = tape.backward(seeds, ws)
         grad = torch.stack([g if g is not None else torch.zeros_like(t)
@@ -530,4 +584,5 @@ class HybridGrad(nn.Module):
 
 
 __all__ = ["Tape", "GeneratorVJP", "EncoderVJP", "LpipsFeatures", "LpipsVJP", "HybridGrad",
+           "ncc_roi_terms",
            "upsample_matrix", "avgpool_matrix", "blurpool_matrix"]

@@ -2,7 +2,7 @@
 the backends its graphs.
 
 A bundle is a folder written by ``deeprecon-rt export`` (:mod:`deeprecon.export.bundle`),
-schema 2::
+schema 3::
 
     BUNDLE/
       manifest.json                 everything below, described (schema SCHEMA_VERSION)
@@ -16,17 +16,18 @@ schema 2::
 Graphs: ``encoder`` (image -> w+), ``generator`` (w+ -> image), ``segmenter`` (image ->
 logits), ``lpips`` (x, y -> distance), and the gradient graphs that let a runtime
 without torch invert: ``lpips_features`` (x -> the normalised LPIPS features of x) and
-``hybrid_grad`` (w, features of x, the fused kernel's gradient at G(w), lambdas ->
-loss, dloss/dw). Per graph the manifest holds its inputs and outputs (names, dtypes,
+``hybrid_grad`` (w, x, roi, features of x, loss weights -> the inversion loss and
+dloss/dw, in one graph). Per graph the manifest holds its inputs and outputs (names, dtypes,
 shapes, ``"batch"`` for the dynamic dimension), its batch range (min / opt / max), the
 networks whose weights it reads, and its artifacts by backend: ``torch_program``
 (file, the ordered state it takes), ``onnx`` (file, opset), ``tensorrt_plan`` (file,
 TensorRT version, compute capability: room for it, not written here), each with the
 errors measured against PyTorch at export. Besides: the model grid and
 preprocessing, the label map, the inversion defaults, every file with its size and
-SHA-256, the versions that wrote it and where its networks came from. Schema-1 bundles
-(weights copied into every program, no gradient graphs) are refused with a message
-that says how to export them again.
+SHA-256, the versions that wrote it and where its networks came from. Older schemas are
+refused with a message that says how to export them again: schema 1 copied the weights
+into every program and had no gradient graphs, schema 2's hybrid_grad took the NCC/ROI
+terms' gradient from the fused kernel between two graphs.
 
 Identity and integrity. The bundle's identity is the SHA-256 of ``manifest.json``'s
 bytes (:attr:`Bundle.sha256`): the manifest pins every other file by its hash, so two
@@ -74,7 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "deeprecon-bundle"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 BATCH = "batch"  # the name of the dynamic batch dimension in tensor shapes
 
@@ -231,18 +232,17 @@ def graph_specs(*, resolution: int, num_ws: int, w_dim: int, n_classes: int,
 
     lpips_features: x [batch, 1, R, R] -> fx0, fx1, ... [batch, C_k, H_k, W_k]
                     (unit-normalised over channels)
-    hybrid_grad:    w [batch, L, C], fx0 ..., g_ext [batch, 1, R, R] (the gradient at
-                    G(w) of the terms computed outside: the fused ROI-L2 and NCC),
-                    lambdas [2] (lambda1, lambda3)
-                    -> loss [batch] (lambda1 LPIPS + lambda3 latent term),
-                       grad [batch, L, C] (d(loss + external terms)/dw)
+    hybrid_grad:    w [batch, L, C], x, roi [batch, 1, R, R], fx0 ... (the features
+                    of x), lambdas [3] (lambda1, lambda2, lambda3), ncc_window int64 [1]
+                    -> loss [batch] (the inversion loss, deeprecon.runtime.inversion),
+                       grad [batch, L, C] (dloss/dw)
     """
     r, f = resolution, "float32"
     image = [BATCH, 1, r, r]
     w = [BATCH, num_ws, w_dim]
 
-    def t(name: str, shape: list) -> dict[str, Any]:
-        return {"name": name, "dtype": f, "shape": list(shape)}
+    def t(name: str, shape: list, dtype: str = f) -> dict[str, Any]:
+        return {"name": name, "dtype": dtype, "shape": list(shape)}
 
     specs = {
         "encoder": {"inputs": [t("image", image)], "outputs": [t("w", w)]},
@@ -254,7 +254,8 @@ def graph_specs(*, resolution: int, num_ws: int, w_dim: int, n_classes: int,
     if lpips_shapes is not None:
         fx = [t(f"fx{k}", [BATCH, *map(int, shape)]) for k, shape in enumerate(lpips_shapes)]
         specs["lpips_features"] = {"inputs": [t("x", image)], "outputs": fx}
-        specs["hybrid_grad"] = {"inputs": [t("w", w), *fx, t("g_ext", image), t("lambdas", [2])],
+        specs["hybrid_grad"] = {"inputs": [t("w", w), t("x", image), t("roi", image), *fx,
+                                           t("lambdas", [3]), t("ncc_window", [1], "int64")],
                                 "outputs": [t("loss", [BATCH]), t("grad", w)]}
     return specs
 
@@ -269,9 +270,9 @@ def gradient_graph_specs(*, resolution: int, num_ws: int, w_dim: int
 
     with the loss weights (lambda1, lambda2, lambda3, ncc_window) as attributes
     (:mod:`deeprecon.runtime.inversion`). A bundle does not hold it as one graph: each
-    runner composes it (the onnxruntime runner from the generator, the fused kernel and
-    the bundle's ``hybrid_grad`` graph; the torch runner by autograd through the
-    generator, the encoder and LPIPS programs).
+    runner composes it (the onnxruntime runner from the bundle's ``lpips_features`` graph,
+    once per image, and its ``hybrid_grad`` graph; the torch runner by autograd through
+    the generator, the encoder and LPIPS programs with the fused kernel).
     """
     image = [BATCH, 1, resolution, resolution]
     w = [BATCH, num_ws, w_dim]
@@ -651,7 +652,8 @@ def _parse(path: Path, m: Any, sha: str) -> Bundle:
         raise BundleError(f"{where}: bad schema version {version}")
     if version < SCHEMA_VERSION:
         raise BundleError(f"{where}: a schema-{version} bundle; this deeprecon-rt reads schema "
-                          f"{SCHEMA_VERSION} (weights stored once, ONNX and gradient graphs)",
+                          f"{SCHEMA_VERSION} (weights stored once, ONNX graphs, the inversion's loss "
+                          f"and gradient in one graph)",
                           hint="export it again from its training runs with this version: "
                                "deeprecon-rt export SEG_RUN -o DIR")
     missing = [k for k in MANIFEST_KEYS if k not in m]

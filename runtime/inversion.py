@@ -13,8 +13,12 @@ y = G(w) (the paper's hybrid loss)::
 
 ROI-L2 and NCC (and their gradient) are the fused op of :mod:`deeprecon.cpp_ext`
 (``ncc_roi_loss(x, y, roi, window=ncc_window, lambda_roi=lambda1, lambda_ncc=lambda2)``,
-callable with or without torch). :func:`hybrid_loss` is the torch implementation; the
-torch runner and the trainer's latent-bank stage both call it.
+callable with or without torch; its definition is ``deeprecon.cpp_ext.reference``).
+:func:`hybrid_loss` is the torch implementation; the torch runner and the trainer's
+latent-bank stage both call it, and the exporter checks the bundle's gradient graph
+against it (the graph writes the two terms' gradient in closed form,
+:func:`deeprecon.export.vjp.ncc_roi_terms`, which is why ``ncc_window`` has an upper
+bound, MAX_NCC_WINDOW).
 
 The optimiser (:func:`optimise`): Adam on w+, every image on its own (own step count,
 own moments, own early stop), so an image's result never depends on the images that
@@ -28,7 +32,8 @@ runner's own on-device version of the same graph, through an :class:`ArrayOps` f
 arrays (the torch runner's fast path). Both are the same loop.
 
 The onnxruntime runner computes the LPIPS features of x once per inversion (the
-bundle's ``lpips_features`` graph) and runs ``hybrid_grad`` on them; the torch runner
+bundle's ``lpips_features`` graph) and runs ``hybrid_grad`` (the whole loss and its
+gradient, one graph) on them; the torch runner
 still differentiates through the bundle's (x, y) -> distance program, so it recomputes
 x's features at every step.
 
@@ -53,6 +58,10 @@ log = logging.getLogger(__name__)
 #: progress callback: (stage, done, total)
 Progress = Optional[Callable[[str, int, int], None]]
 
+#: the largest NCC window the bundle's gradient graph takes (its box taps are this long);
+#: 31 px is 78 mm on the cpu64 grid, far beyond the paper's 9
+MAX_NCC_WINDOW = 31
+
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -74,7 +83,7 @@ class InversionSettings:
     lambda1:             weight of LPIPS and of the ROI L2 term, >= 0.
     lambda2:             weight of the local NCC term (subtracted), >= 0.
     lambda3:             weight of the latent term mean((w - E(G(w)))^2), >= 0.
-    ncc_window:          NCC box window side in px, odd, >= 3.
+    ncc_window:          NCC box window side in px, odd, 3 .. MAX_NCC_WINDOW.
     early_stop_patience: steps without relative improvement before an image stops,
                          >= 0 (0: never stop early).
     early_stop_rel_tol:  the relative improvement that counts, >= 0.
@@ -147,7 +156,8 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lambda1": ("must be >= 0", lambda v: v >= 0),
     "lambda2": ("must be >= 0", lambda v: v >= 0),
     "lambda3": ("must be >= 0", lambda v: v >= 0),
-    "ncc_window": ("must be odd and >= 3", lambda v: v >= 3 and v % 2 == 1),
+    "ncc_window": (f"must be odd and in 3..{MAX_NCC_WINDOW}",
+                   lambda v: 3 <= v <= MAX_NCC_WINDOW and v % 2 == 1),
     "early_stop_patience": ("must be >= 0", lambda v: v >= 0),
     "early_stop_rel_tol": ("must be >= 0", lambda v: v >= 0),
     "roi_dilation_mm": ("must be >= 0", lambda v: v >= 0),
@@ -418,4 +428,5 @@ def _host_chunk(runner: Any) -> OptimiseChunk:
 
 
 __all__ = ["InversionSettings", "Inversion", "hybrid_loss", "optimise", "invert", "ArrayOps",
-           "NUMPY_OPS", "LOSS_AND_GRAD", "LOSS_ATTRS", "ADAM_BETAS", "ADAM_EPS", "Progress"]
+           "NUMPY_OPS", "LOSS_AND_GRAD", "LOSS_ATTRS", "MAX_NCC_WINDOW", "ADAM_BETAS", "ADAM_EPS",
+           "Progress"]

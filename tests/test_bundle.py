@@ -116,7 +116,7 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
     assert list(m) == ["format", "schema_version", "name", "created", "model", "preprocess",
                        "labels", "inversion", "weights", "graphs", "files", "versions",
                        "provenance"]
-    assert m["format"] == "deeprecon-bundle" and m["schema_version"] == 2
+    assert m["format"] == "deeprecon-bundle" and m["schema_version"] == 3
     assert m["name"] == "tiny-random-seed0"
     created = datetime.datetime.fromisoformat(m["created"])
     assert created.utcoffset() == datetime.timedelta(0)
@@ -139,16 +139,20 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
     feats = m["graphs"]["lpips_features"]["outputs"]
     assert [t["name"] for t in feats] == ["fx0", "fx1", "fx2", "fx3", "fx4"]  # tiny: all five
     assert [t["name"] for t in m["graphs"]["hybrid_grad"]["inputs"]] == \
-        ["w", "fx0", "fx1", "fx2", "fx3", "fx4", "g_ext", "lambdas"]
+        ["w", "x", "roi", "fx0", "fx1", "fx2", "fx3", "fx4", "lambdas", "ncc_window"]
+    assert m["graphs"]["hybrid_grad"]["inputs"][-1] == {"name": "ncc_window", "dtype": "int64",
+                                                        "shape": [1]}
     for g, kinds in ARTIFACTS.items():
         entry = m["graphs"][g]
         assert entry["batch"]["min"] == 1 and entry["batch"]["max"] >= entry["batch"]["opt"]
         assert tuple(entry["artifacts"]) == kinds
         for kind, a in entry["artifacts"].items():
             assert a["file"] == (f"programs/{g}.pt2" if kind == "torch_program" else f"{g}.onnx")
-            # the errors measured at export against PyTorch (hybrid_grad: torch.func.vjp)
+            # the errors measured at export against PyTorch (hybrid_grad: autograd of the
+            # runtime's hybrid_loss, with the fused op)
             assert a["check"]["max_rel_err"] < 1e-4 and a["check"]["batch"] == 3, (g, kind)
-            assert a["check"]["reference"] == ("torch.func.vjp" if g == "hybrid_grad" else "module")
+            assert a["check"]["reference"] == ("autograd of hybrid_loss" if g == "hybrid_grad"
+                                               else "module")
             if kind == "onnx":
                 assert a["opset"] >= 18
                 assert a["check"]["weights_linked_bytes"] > 0
@@ -309,10 +313,12 @@ MANIFEST_EDITS = {
     "broken json": (lambda b: _flip(b / MANIFEST, 0), "not valid JSON"),
     "truncated": (lambda b: (b / MANIFEST).write_bytes((b / MANIFEST).read_bytes()[:-30]),
                   "not valid JSON"),
-    "newer schema": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=3)),
-                     "schema version 3 is newer"),
+    "newer schema": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=4)),
+                     "schema version 4 is newer"),
     "schema 1": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=1)),
-                 "a schema-1 bundle; this deeprecon-rt reads schema 2"),
+                 "a schema-1 bundle; this deeprecon-rt reads schema 3"),
+    "schema 2": (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=2)),
+                 "a schema-2 bundle; this deeprecon-rt reads schema 3"),
     "unknown artifact": (lambda b: _rewrite_manifest(
         b, lambda m: m["graphs"]["encoder"]["artifacts"].update(plan={"file": "encoder.onnx"})),
         "unknown artifact kind"),

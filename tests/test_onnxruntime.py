@@ -18,12 +18,13 @@ from bundles import tiny_networks  # noqa: E402
 from test_packaging import block_modules  # noqa: E402
 
 from deeprecon.export.bundle import random_networks  # noqa: E402
+from deeprecon.cpp_ext.reference import loss_and_grad, ncc_roi_loss_reference  # noqa: E402
 from deeprecon.export.vjp import (EncoderVJP, GeneratorVJP, HybridGrad,  # noqa: E402
-                                  LpipsFeatures, LpipsVJP)
+                                  LpipsFeatures, LpipsVJP, ncc_roi_terms)
 from deeprecon.runtime.backends import auto_backend, open_backend  # noqa: E402
 from deeprecon.runtime.bundle import load_bundle  # noqa: E402
 from deeprecon.runtime.errors import BundleError, UnavailableError, UsageError  # noqa: E402
-from deeprecon.runtime.inversion import InversionSettings  # noqa: E402
+from deeprecon.runtime.inversion import MAX_NCC_WINDOW, InversionSettings, hybrid_loss  # noqa: E402
 from deeprecon.trainer.config import get_preset  # noqa: E402
 from deeprecon.trainer.lpips import LPIPS, load_lpips  # noqa: E402
 
@@ -81,18 +82,43 @@ def test_explicit_vjps_match_torch_func_vjp(preset):
     _assert_close(d, d_ref, "LPIPS value")
     _assert_close(gl, vjp(gd)[0], "LPIPS")
 
-    lam = torch.tensor([1.0, 0.1])
-    g_ext = 0.01 * torch.randn(B, 1, R, R, generator=g)
+    roi = torch.zeros(B, 1, R, R)
+    roi[:, :, R // 4:3 * R // 4, R // 3:3 * R // 4] = 1
+    lam = torch.tensor([1.0, 0.5, 0.1])
+    loss, grad = HybridGrad(G, E, lp)(w, x, roi, *fx, lam, torch.tensor([7]))
+    ref_loss, ref_grad = _hybrid_loss_and_grad(G, E, lp, w, x, roi, fx, lam, 7)
+    _assert_close(loss, ref_loss, "hybrid loss")
+    _assert_close(grad, ref_grad, "hybrid grad")
 
-    def loss(wa):
-        ya = G(wa)
-        rest = lam[0] * lp.distance_to(list(fx), ya) + lam[1] * (wa - E(ya)).square().mean(dim=(1, 2))
-        return rest + (ya * g_ext).sum(dim=(1, 2, 3))
 
-    total, vjp = torch.func.vjp(loss, w)
-    rest, grad = HybridGrad(G, E, lp)(w, *fx, g_ext, lam)
-    _assert_close(rest, total - (G(w) * g_ext).sum(dim=(1, 2, 3)), "hybrid loss")
-    _assert_close(grad, vjp(torch.ones(B))[0], "hybrid grad")
+def _hybrid_loss_and_grad(G, E, lp, w, x, roi, fx, lam, window):
+    """The runtime's definition of the inversion loss (the fused op) and its autograd."""
+    wr = w.detach().clone().requires_grad_(True)
+    loss, _ = hybrid_loss(wr, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
+                          lpips_to_x=lambda y: lp.distance_to([torch.as_tensor(f) for f in fx], y),
+                          lambda1=float(lam[0]), lambda2=float(lam[1]), lambda3=float(lam[2]),
+                          ncc_window=window)
+    (grad,) = torch.autograd.grad(loss.sum(), wr)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("window", [3, 9, MAX_NCC_WINDOW])
+def test_closed_form_ncc_roi_terms_match_the_reference(window):
+    """The gradient graph's NCC/ROI-L2 terms (closed form, a MAX_NCC_WINDOW-tap filter
+    with the middle `window` taps on) against autograd of the kernel's definition, in
+    float64: the same function, not an approximation of it."""
+    g = torch.Generator().manual_seed(window)
+    x, y = (torch.rand(3, 1, 40, 40, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    roi = (torch.rand(3, 1, 40, 40, generator=g, dtype=torch.float64) > 0.6).double()
+    ref_loss, ref_grad = loss_and_grad(ncc_roi_loss_reference, x, y, roi, window=window,
+                                       lambda_roi=0.7, lambda_ncc=0.4)
+    loss, grad = ncc_roi_terms(x, y, roi, torch.tensor([window]), torch.tensor(0.7, dtype=torch.float64),
+                               torch.tensor(0.4, dtype=torch.float64))
+    _assert_close(loss, ref_loss.detach(), "NCC/ROI loss", 1e-12)
+    _assert_close(grad, ref_grad, "NCC/ROI grad", 1e-12)
+    other_loss, _ = loss_and_grad(ncc_roi_loss_reference, x, y, roi, window=window + 2,
+                                  lambda_roi=0.7, lambda_ncc=0.4)
+    assert (other_loss - loss).abs().max() > 1e-4  # the window matters: the check can fail
 
 
 def test_lpips_stores_only_the_layers_it_uses():
@@ -107,7 +133,8 @@ def test_lpips_stores_only_the_layers_it_uses():
 def test_onnx_graphs_match_pytorch_at_a_new_batch(tiny_bundle):
     """Every ONNX graph of the bundle, in onnxruntime at batch 5 (exported at 2, checked
     at 3), against the PyTorch networks it came from; the gradient graph against
-    torch.func.vjp of the real loss."""
+    autograd of the runtime's inversion loss (the fused op), at a window the export
+    was not checked with."""
     import onnxruntime as ort
 
     b = load_bundle(tiny_bundle)
@@ -133,23 +160,16 @@ def test_onnx_graphs_match_pytorch_at_a_new_batch(tiny_bundle):
         fx = session("lpips_features").run(None, {"x": x.numpy()})
         for got, ref in zip(fx, lp.reference_features(x)):
             _assert_close(got, ref, "lpips_features", 1e-4)
-    g_ext = (0.01 * torch.randn(B, 1, R, R, generator=g)).numpy()
-    lam = np.array([1.0, 0.1], np.float32)
+    _, roi = _study_batch(R, n=B)
+    lam = np.array([1.0, 0.5, 0.1], np.float32)
     loss, grad = session("hybrid_grad").run(
-        None, {"w": w.numpy(), **{f"fx{k}": f for k, f in enumerate(fx)}, "g_ext": g_ext,
-               "lambdas": lam})
-    fxt = [torch.from_numpy(f) for f in fx]
-
-    def ref_loss(wa):
-        ya = G(wa)
-        return (lam[0] * lp.distance_to(fxt, ya) + lam[1] * (wa - E(ya)).square().mean(dim=(1, 2))
-                + (ya * torch.from_numpy(g_ext)).sum(dim=(1, 2, 3)))
-
-    total, vjp = torch.func.vjp(ref_loss, w)
-    _assert_close(grad, vjp(torch.ones(B))[0], "hybrid_grad", 1e-4)
-    with torch.no_grad():
-        _assert_close(loss, total - (G(w) * torch.from_numpy(g_ext)).sum(dim=(1, 2, 3)),
-                      "hybrid_grad loss", 1e-4)
+        None, {"w": w.numpy(), "x": x.numpy(), "roi": roi,
+               **{f"fx{k}": f for k, f in enumerate(fx)}, "lambdas": lam,
+               "ncc_window": np.array([5], np.int64)})
+    ref_loss, ref_grad = _hybrid_loss_and_grad(G, E, lp, w, x, torch.from_numpy(roi), fx,
+                                               torch.from_numpy(lam), 5)
+    _assert_close(grad, ref_grad, "hybrid_grad", 1e-4)
+    _assert_close(loss, ref_loss, "hybrid_grad loss", 1e-4)
 
 
 def _study_batch(R: int, n: int = 6, seed: int = 0):
@@ -185,6 +205,10 @@ def test_onnxruntime_runner_matches_the_torch_runner(tiny_bundle):
     np.testing.assert_allclose(io.loss, it.loss, rtol=1e-5)
     with pytest.raises(UsageError, match="expected dtype float32"):
         o.run("encoder", {"image": x.astype(np.float64)})
+    for runner in (o, t):  # the gradient graph's box has MAX_NCC_WINDOW taps: no silent clip
+        with pytest.raises(UsageError, match=f"ncc_window must be odd and in 3..{MAX_NCC_WINDOW}"):
+            runner.run("loss_and_grad", {"x": x, "roi": roi, "w": w0},
+                       **{**attrs, "ncc_window": MAX_NCC_WINDOW + 2})
 
 
 def test_backend_and_device_selection(tiny_bundle, tmp_path):

@@ -67,7 +67,7 @@ class Runner:
         graph's spec, one batch size) with the attributes the graph takes.
 
         Raises UsageError for feeds that do not match the spec (names, dtypes, ranks,
-        fixed dimensions, batch) and for missing or unknown attributes. Returns
+        fixed dimensions, batch) and for missing, unknown or out-of-range attributes. Returns
         {output name: numpy array}, every output of the spec."""
         spec = self.graph_spec(graph)
         spec.check_feeds(feeds)
@@ -75,6 +75,8 @@ class Runner:
         if set(attrs) != set(want):
             raise UsageError(f"graph {graph!r} takes the attributes {list(want)}, got "
                              f"{sorted(attrs)}")
+        if graph == LOSS_AND_GRAD:
+            InversionSettings(**attrs)  # the one range check (UsageError naming a bad value)
         out = self._run_impl(graph, feeds, attrs)
         names = [t.name for t in spec.outputs]
         if sorted(out) != sorted(names):  # pragma: no cover - a runner bug

@@ -1,22 +1,21 @@
 """The onnxruntime runner: the bundle's ONNX graphs, no torch anywhere.
 
 Forward graphs (encoder, generator, segmenter) run as they are. The inversion's
-``loss_and_grad`` (:func:`deeprecon.runtime.bundle.gradient_graph_specs`) is composed
-of three parts per step::
+``loss_and_grad`` (:func:`deeprecon.runtime.bundle.gradient_graph_specs`) is one run
+of the bundle's ``hybrid_grad`` graph per step::
 
-    y             = generator(w)                               ONNX
-    l_f, g_ext    = ncc_roi_loss_np(x, y, roi)                 the fused C++ kernel
-    l_r, grad     = hybrid_grad(w, fx, g_ext, lambda1, lambda3)  ONNX: the explicit VJP
-    loss          = l_f + l_r
+    loss, grad = hybrid_grad(w, x, roi, fx, (lambda1, lambda2, lambda3), ncc_window)
 
 where fx are the LPIPS features of x (``lpips_features``), computed once per image for
-the whole inversion (:meth:`OnnxRuntimeRunner.invert`). The fused term's gradient at
-G(w) enters the gradient graph as its upstream gradient, so the NCC/ROI loss is written
-once, in the kernel; the price is that hybrid_grad runs G's forward pass again (the
-measured cost is in benchmarks/results).
+the whole inversion (:meth:`OnnxRuntimeRunner.invert`). The graph holds the whole loss:
+its NCC/ROI-L2 terms are the fused kernel's, written in closed form
+(:func:`deeprecon.export.vjp.ncc_roi_terms`) and checked at export against the kernel.
+Until schema 2 the kernel ran on the host between a generator run and the gradient
+graph, which then ran G's forward pass a second time (docs/runtime.md: the one graph
+is measured faster and equal). So this runner needs no compiled extension.
 
 Devices: ``cpu`` (CPUExecutionProvider) and ``cuda[:N]`` (CUDAExecutionProvider of
-onnxruntime-gpu; the fused kernel then runs on the host between the two graphs). A
+onnxruntime-gpu). A
 provider that is not installed, or that a session did not load (checked with
 ``session.get_providers()`` after creation), is an UnavailableError naming it: never a
 silent run on another device.
@@ -70,8 +69,8 @@ class _Rows:
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runs the bundle's ONNX graphs in onnxruntime and composes ``loss_and_grad`` from
-    the generator, the fused kernel and the hybrid_grad graph (module docstring)."""
+    """Runs the bundle's ONNX graphs in onnxruntime; ``loss_and_grad`` is the
+    hybrid_grad graph on the cached LPIPS features of x (module docstring)."""
 
     name = "onnxruntime"
 
@@ -90,13 +89,6 @@ class OnnxRuntimeRunner(Runner):
                 f"device {device!r} needs onnxruntime's {want}, which this onnxruntime "
                 f"{ort.__version__} does not have (it has {', '.join(ort.get_available_providers())})",
                 hint="pip install onnxruntime-gpu (CUDA), or use --device cpu")
-        from deeprecon.cpp_ext.errors import KernelUnavailableError
-        from deeprecon.cpp_ext.numpy_ops import load_library, ncc_roi_loss_np
-        try:
-            load_library()
-        except KernelUnavailableError as e:
-            raise UnavailableError(e.message, hint=e.hint) from None
-        self._ncc = ncc_roi_loss_np
         self.threads = threads
         self._sessions: dict[str, Any] = {}
         for graph in ("encoder", "generator", "segmenter"):  # a missing graph fails now
@@ -109,8 +101,12 @@ class OnnxRuntimeRunner(Runner):
             return s
         path, _ = self.bundle.artifact(graph, "onnx")
         options = self.ort.SessionOptions()
-        # no spin-waiting after a run: idle spinning threads would slow what runs next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spin-waiting after a run keeps the pool's threads on the cores: that slows
+        # whatever runs next, except in the inversion's loop, where the next thing is the
+        # same graph after a little numpy (Adam). Measured (docs/runtime.md): hybrid_grad
+        # 1.1x faster per step with spinning; the other graphs run once per stage.
+        spin = "1" if graph == "hybrid_grad" else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
@@ -151,16 +147,13 @@ class OnnxRuntimeRunner(Runner):
 
     def _loss_and_grad(self, x, roi, w, fx, *, lambda1, lambda2, lambda3, ncc_window):
         """(loss [k], dloss/dw [k, L, C]) of the inversion loss (module docstring)."""
-        y = self._session("generator").run(None, {"w": w})[0]
-        loss_fused, g_ext = self._ncc(np.ascontiguousarray(x), np.ascontiguousarray(y),
-                                      np.ascontiguousarray(roi), window=ncc_window,
-                                      lambda_roi=lambda1, lambda_ncc=lambda2)
         if fx is None:
             fx = self.features(x)
-        lambdas = np.array([lambda1, lambda3], dtype=np.float32)
-        loss_rest, grad = self._session("hybrid_grad").run(
-            None, {"w": w, **fx, "g_ext": g_ext, "lambdas": lambdas})
-        return loss_fused + loss_rest, grad
+        feeds = {"w": w, "x": np.ascontiguousarray(x), "roi": np.ascontiguousarray(roi), **fx,
+                 "lambdas": np.array([lambda1, lambda2, lambda3], dtype=np.float32),
+                 "ncc_window": np.array([ncc_window], dtype=np.int64)}
+        loss, grad = self._session("hybrid_grad").run(None, feeds)
+        return loss, grad
 
     # -- the inversion: LPIPS features of x once per image ----------------------------
     def invert(self, x: np.ndarray, roi: np.ndarray, w0: np.ndarray, settings: InversionSettings,
