@@ -6,7 +6,11 @@ For every validation patient (ED and ES, manual labels), on the native grid:
 - ``DeepRecon_no`` / ``DeepRecon_K``: the bundle's pipeline (``Reconstructor``) with K
   inversion steps (K = 0: Seg on G(E(x))); its native segmentation as written by
   ``reconstruct``;
-- ``W+SegNet`` (with ``--wseg RUN``): the mask network on the w* of the largest K.
+- ``W+SegNet`` (with ``--wseg RUN``): the mask network on the w* of the largest K;
+- ``DirectSeg_on_G_K`` (with ``--direct``, largest K > 0): a diagnostic, DirectSeg on
+  G(w*) instead of x. Against ``DeepRecon_K`` it separates the two limits of the chain:
+  how much anatomy G(w*) keeps (this row) and how well the Seg trained on synthetic
+  images reads it.
 
 DirectSeg and W+SegNet probabilities go back to the native grid the way the pipeline's
 go (class probabilities resampled, then argmax), and every row keeps each structure's
@@ -145,6 +149,11 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
                                    "steps_taken_mean": float(np.mean(res.inversion["steps"]))}
             entry.setdefault("_pictures", {})[name] = res.model_recon[:, S // 2]  # [P, R, R]
             entry["_pictures"]["x"] = res.model_images[:, S // 2]
+            if dnet is not None and k == max(steps) and k > 0:
+                # diagnostic: does G(w*) keep the anatomy? DirectSeg on the rendering
+                probs = _probs(dnet, res.model_recon.reshape(P * S, 1, R, R))
+                labels = post(transform.labels_to_native(probs.reshape(P, S, -1, R, R)), study)
+                entry["rows"][f"DirectSeg_on_G_{k}"] = {"metrics": _metrics(labels, ref, spacing)}
             if wnet is not None and k == max(steps):
                 probs = _probs(wnet, res.latents.reshape((P * S,) + res.latents.shape[2:]))
                 labels = post(transform.labels_to_native(probs.reshape(P, S, -1, R, R)), study)
