@@ -10,7 +10,7 @@ where fx are the LPIPS features of x (``lpips_features``), computed once per ima
 the whole inversion (:meth:`OnnxRuntimeRunner.invert`). The graph holds the whole loss:
 its NCC/ROI-L2 terms are the fused kernel's, written in closed form
 (:func:`deeprecon.export.vjp.ncc_roi_terms`) and checked at export against the kernel.
-Until schema 2 the kernel ran on the host between a generator run and the gradient
+Up to schema 2 the kernel ran on the host between a generator run and the gradient
 graph, which then ran G's forward pass a second time (docs/runtime.md: the one graph
 is measured faster and equal). So this runner needs no compiled extension.
 
@@ -104,7 +104,7 @@ class OnnxRuntimeRunner(Runner):
         # Spin-waiting after a run keeps the pool's threads on the cores: that slows
         # whatever runs next, except in the inversion's loop, where the next thing is the
         # same graph after a little numpy (Adam). Measured (docs/runtime.md): hybrid_grad
-        # 1.1x faster per step with spinning; the other graphs run once per stage.
+        # 1.15x faster per step in the loop with spinning; the other graphs run once per stage.
         spin = "1" if graph == "hybrid_grad" else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
