@@ -9,7 +9,11 @@ training batches, and a full evaluation, which needs the whole chain).
 
 Takes a compact gan state (``compact.safetensors``) or a gan run's ``model.safetensors``.
 PSNR: images in [-1, 1] (peak-to-peak 2), mean squared error over the ROI pixels, mean
-over slices. Writes ``benchmarks/results/gan_inversion_psnr.json``.
+over slices. With ``--direct RUN`` (a finished seg-direct run, trained on real slices)
+also the Dice of its U-Net, per structure pooled over the slices, on x, on G(E(x)) and
+on each G(w*) against the slices' labels: how much anatomy the renderings keep, which
+PSNR does not say (docs/models.md, 2026-12-03). Writes
+``benchmarks/results/gan_inversion_psnr.json``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from deeprecon.trainer.checkpoint import load_compact, load_model
 from deeprecon.trainer.config import get_preset
 from deeprecon.trainer.data import build_slices
 from deeprecon.trainer.lpips import load_lpips
-from deeprecon.trainer.networks import Encoder, Generator
+from deeprecon.trainer.networks import Encoder, Generator, UNet
+from deeprecon.trainer.run import load_networks
 from deeprecon.trainer.stages import latents
 from provenance import cpu_model, git_info
 
@@ -51,6 +56,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=latents.Config().lr,
                     help="Adam learning rate on w+ (default: the latents stage's)")
+    ap.add_argument("--direct", type=Path,
+                    help="a finished seg-direct run: also its U-Net's Dice on x, G(E(x)) and G(w*)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan_inversion_psnr.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,6 +70,10 @@ def main() -> None:
         step = None
     G.eval().requires_grad_(False)
     E.eval().requires_grad_(False)
+    direct = None
+    if args.direct is not None:
+        direct = load_networks(args.direct, {"Seg": lambda: UNet(m.unet)},
+                               device=torch.device("cpu"))["Seg"].eval().requires_grad_(False)
     s = build_slices(args.data, m.preprocess, split=args.split, require_labels=True)
     idx = torch.linspace(0, len(s.images) - 1, args.slices).round().long()
     x, roi = s.images[idx].contiguous(), s.roi[idx].contiguous()
@@ -72,17 +83,35 @@ def main() -> None:
         mse = ((y - x) ** 2 * roi).sum(dim=(1, 2, 3)) / roi.sum(dim=(1, 2, 3))
         return float((10 * torch.log10(4.0 / mse)).mean())
 
+    labels = s.labels[idx].long()
+
+    def dice(img: torch.Tensor) -> dict[str, float]:
+        """DirectSeg's pooled 2D Dice per structure on images ``img`` [N, 1, R, R]."""
+        with torch.no_grad():
+            pred = direct(img).argmax(1)
+        out = {}
+        for c, name in ((1, "LVC"), (2, "LVM"), (3, "RVC")):
+            a, b = pred == c, labels == c
+            out[name] = round(float(2 * (a & b).sum() / (a.sum() + b.sum()).clamp_min(1)), 4)
+        return out
+
     with torch.no_grad():
-        out = {"step": step, "slices": len(idx), "split": args.split, "lr": args.lr, "psnr_G_E_x": psnr(G(E(x)))}
+        y0 = G(E(x))
+        out = {"step": step, "slices": len(idx), "split": args.split, "lr": args.lr, "psnr_G_E_x": psnr(y0)}
+    if direct is not None:
+        out["direct_dice_x"], out["direct_dice_G_E_x"] = dice(x), dice(y0)
     for k in args.steps:
         t0 = time.perf_counter()
         _, _, y = latents.invert(G, E, lp, x, roi, latents.Config(steps=k, batch=32, lr=args.lr))
         out[f"psnr_K{k}"] = psnr(y)
         out[f"seconds_K{k}"] = round(time.perf_counter() - t0, 1)
+        if direct is not None:
+            out[f"direct_dice_K{k}"] = dice(y)
     print(json.dumps(out))
     result = {"benchmark": "gan_inversion_psnr", "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git": git_info(), "device": {"cpu": cpu_model(), "threads": args.threads},
-              "state": str(args.state), "preset": args.preset, "result": out}
+              "state": str(args.state), "preset": args.preset,
+              "direct": str(args.direct) if args.direct else None, "result": out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
