@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from deeprecon.runtime.bundle import (BATCH, BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
                                       check_program_archive, graph_specs, load_bundle)
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
-from deeprecon.runtime.inversion import InversionSettings, hybrid_loss
+from deeprecon.runtime.inversion import InversionSettings, hybrid_loss_and_grad
 from deeprecon.runtime.publish import sha256_file, staged_folder
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
@@ -235,14 +235,10 @@ class _HybridReference(torch.nn.Module):
     def forward(self, w, x, roi, *args):
         G, E, lp = self._nets
         *fx, lam, ncc_window = args
-        with torch.enable_grad():
-            wr = w.detach().clone().requires_grad_(True)
-            loss, _ = hybrid_loss(wr, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
-                                  lpips_to_x=lambda y: lp.distance_to(list(fx), y),
-                                  lambda1=float(lam[0]), lambda2=float(lam[1]),
-                                  lambda3=float(lam[2]), ncc_window=int(ncc_window[0]))
-            (grad,) = torch.autograd.grad(loss.sum(), wr)
-        return loss.detach(), grad.detach()
+        return hybrid_loss_and_grad(w, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
+                                    lpips_to_x=lambda y: lp.distance_to(list(fx), y),
+                                    lambda1=float(lam[0]), lambda2=float(lam[1]),
+                                    lambda3=float(lam[2]), ncc_window=int(ncc_window[0]))
 
 
 def _compare(graph: str, got: Any, ref: Any, spec_outputs: list[dict], batch: int) -> dict:

@@ -252,6 +252,19 @@ def hybrid_loss(w: "torch.Tensor", x: "torch.Tensor", roi: "torch.Tensor", *,
     return lambda1 * lpips_to_x(y) + roi_ncc + lambda3 * latent, y
 
 
+def hybrid_loss_and_grad(w: "torch.Tensor", x: "torch.Tensor", roi: "torch.Tensor",
+                         **kwargs: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(loss [N], dloss/dw [N, L, C]) of :func:`hybrid_loss` (same keyword arguments) by
+    autograd, at a detached copy of ``w``; gradients are enabled even under no_grad."""
+    import torch
+
+    with torch.enable_grad():
+        wr = w.detach().clone().requires_grad_(True)
+        loss, _ = hybrid_loss(wr, x, roi, **kwargs)
+        (grad,) = torch.autograd.grad(loss.sum(), [wr])
+    return loss.detach(), grad
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -427,6 +440,6 @@ def _host_chunk(runner: Any) -> OptimiseChunk:
     return chunk_fn
 
 
-__all__ = ["InversionSettings", "Inversion", "hybrid_loss", "optimise", "invert", "ArrayOps",
+__all__ = ["InversionSettings", "Inversion", "hybrid_loss", "hybrid_loss_and_grad", "optimise", "invert", "ArrayOps",
            "NUMPY_OPS", "LOSS_AND_GRAD", "LOSS_ATTRS", "MAX_NCC_WINDOW", "ADAM_BETAS", "ADAM_EPS",
            "Progress"]

@@ -24,7 +24,8 @@ from deeprecon.export.vjp import (EncoderVJP, GeneratorVJP, HybridGrad,  # noqa:
 from deeprecon.runtime.backends import auto_backend, open_backend  # noqa: E402
 from deeprecon.runtime.bundle import load_bundle  # noqa: E402
 from deeprecon.runtime.errors import BundleError, UnavailableError, UsageError  # noqa: E402
-from deeprecon.runtime.inversion import MAX_NCC_WINDOW, InversionSettings, hybrid_loss  # noqa: E402
+from deeprecon.runtime.inversion import (MAX_NCC_WINDOW, InversionSettings,  # noqa: E402
+                                         hybrid_loss_and_grad)
 from deeprecon.trainer.config import get_preset  # noqa: E402
 from deeprecon.trainer.lpips import LPIPS, load_lpips  # noqa: E402
 
@@ -93,13 +94,10 @@ def test_explicit_vjps_match_torch_func_vjp(preset):
 
 def _hybrid_loss_and_grad(G, E, lp, w, x, roi, fx, lam, window):
     """The runtime's definition of the inversion loss (the fused op) and its autograd."""
-    wr = w.detach().clone().requires_grad_(True)
-    loss, _ = hybrid_loss(wr, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
-                          lpips_to_x=lambda y: lp.distance_to([torch.as_tensor(f) for f in fx], y),
-                          lambda1=float(lam[0]), lambda2=float(lam[1]), lambda3=float(lam[2]),
-                          ncc_window=window)
-    (grad,) = torch.autograd.grad(loss.sum(), wr)
-    return loss.detach(), grad
+    return hybrid_loss_and_grad(w, x.contiguous(), roi.contiguous(), generator=G, encoder=E,
+                                lpips_to_x=lambda y: lp.distance_to([torch.as_tensor(f) for f in fx], y),
+                                lambda1=float(lam[0]), lambda2=float(lam[1]),
+                                lambda3=float(lam[2]), ncc_window=window)
 
 
 @pytest.mark.parametrize("window", [3, 9, MAX_NCC_WINDOW])

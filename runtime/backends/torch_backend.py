@@ -23,7 +23,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import UnavailableError, UsageError
 from ..inversion import (LOSS_AND_GRAD, ArrayOps, Inversion, InversionSettings, Progress,
-                         hybrid_loss, invert, optimise)
+                         hybrid_loss, hybrid_loss_and_grad, invert, optimise)
 from .base import Runner
 
 log = logging.getLogger(__name__)
@@ -163,20 +163,19 @@ class TorchRunner(Runner):
             outs = (y,) if isinstance(y, self.torch.Tensor) else tuple(y)
         return {t.name: o.detach().float().cpu().numpy() for t, o in zip(spec.outputs, outs)}
 
-    def _loss(self, x, roi, w, *, lambda1, lambda2, lambda3, ncc_window):
-        """hybrid_loss over the bundle's programs: (loss [k], G(w)), tensors on the device."""
+    def _networks(self, x) -> dict[str, Any]:
+        """hybrid_loss's networks over the bundle's programs, for targets x."""
         lpips = self._program("lpips")
-        return hybrid_loss(w, x, roi, generator=self._program("generator"),
-                           encoder=self._program("encoder"), lpips_to_x=lambda y: lpips(x, y),
-                           lambda1=lambda1, lambda2=lambda2, lambda3=lambda3,
-                           ncc_window=ncc_window)
+        return {"generator": self._program("generator"), "encoder": self._program("encoder"),
+                "lpips_to_x": lambda y: lpips(x, y)}
+
+    def _loss(self, x, roi, w, **weights):
+        """hybrid_loss over the bundle's programs: (loss [k], G(w)), tensors on the device."""
+        return hybrid_loss(w, x, roi, **self._networks(x), **weights)
 
     def _loss_and_grad(self, x, roi, w, **weights):
         """(loss [k], dloss/dw [k, L, C]): the loss_and_grad graph on device tensors."""
-        wa = w.detach().clone().requires_grad_(True)
-        loss, _ = self._loss(x, roi, wa, **weights)
-        (grad,) = self.torch.autograd.grad(loss.sum(), [wa])
-        return loss.detach(), grad
+        return hybrid_loss_and_grad(w, x, roi, **self._networks(x), **weights)
 
     # -- the on-device inversion ------------------------------------------------------
     def invert(self, x: np.ndarray, roi: np.ndarray, w0: np.ndarray, settings: InversionSettings,
