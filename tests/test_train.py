@@ -217,6 +217,35 @@ def test_seg_direct_class_weights_train_and_bad_ones_are_refused(phantoms, tmp_p
         assert code == ExitCode.USAGE and "class_weights must be 4 positive" in capsys.readouterr().err
 
 
+def test_seg_warm_starts_from_a_unet_and_trains_on_real_slices_too(runs, phantoms, tmp_path,
+                                                                   caplog):
+    """--warm-start for seg takes a finished U-Net (here DirectSeg's): at a learning rate
+    of ~0 the run ends where that U-Net was; with_real adds the bank's real slices."""
+    source = runs["seg-direct"] / MODEL_FILE
+    tiny_lr = {"lr": "1e-12", "lr_min": "1e-12", "with_real": "true"}
+    with caplog.at_level("INFO", logger="deeprecon.trainer.seg"):
+        _train("seg", tmp_path / "warm", inputs={"latents": runs["latents"]}, steps=1,
+               sets=tiny_lr, warm_start=source)
+    assert "and as many real ones" in caplog.text
+    info = json.loads((tmp_path / "warm" / "run.json").read_text())
+    assert info["warm_start"] == str(source.resolve()) and info["config"]["with_real"] is True
+    _train("seg", tmp_path / "cold", inputs={"latents": runs["latents"]}, steps=1, sets=tiny_lr)
+    src, warm, cold = (load_file(str(p)) for p in (source, tmp_path / "warm" / MODEL_FILE,
+                                                   tmp_path / "cold" / MODEL_FILE))
+    conv = next(k for k in src if k.endswith("weight") and src[k].dim() == 4)
+    assert torch.allclose(warm[conv].float(), src[conv].float(), atol=1e-6)
+    assert not torch.allclose(cold[conv].float(), src[conv].float(), atol=1e-3)
+    # a file without a U-Net, real slices for seg-direct, warm start for the encoder
+    with pytest.raises(UsageError, match="no U-Net"):
+        _train("seg", tmp_path / "bad1", inputs={"latents": runs["latents"]}, steps=1,
+               warm_start=runs["encoder"] / MODEL_FILE)
+    with pytest.raises(UsageError, match="with_real is for the seg stage"):
+        _train("seg-direct", tmp_path / "bad2", phantoms, steps=1, sets={"with_real": "true"})
+    with pytest.raises(UsageError, match="--warm-start is for the gan, seg, seg-direct"):
+        _train("encoder", tmp_path / "bad3", phantoms, inputs={"gan": runs["gan"]}, steps=1,
+               warm_start=source)
+
+
 def test_resume_refuses_other_settings(phantoms, runs, tmp_path):
     out = tmp_path / "seg"
     _train("seg-direct", out, phantoms, steps=2)

@@ -43,6 +43,9 @@ STAGE_HELP = {
 }
 STAGE_NAMES = tuple(STAGE_HELP)
 INPUT_OPTIONS = {"gan": "--gan", "encoder": "--encoder", "latents": "--latents"}
+#: stages that take --warm-start: gan (a compact state), seg and seg-direct (a U-Net's
+#: model file)
+WARM_START_STAGES = ("gan", "seg", "seg-direct")
 
 app = typer.Typer(help="Train the networks: gan, encoder, latents, seg, seg-direct, wseg "
                        "(needs torch and stlpips-pytorch: the project's train extra).",
@@ -149,9 +152,10 @@ def train(stage: str, *, data: Optional[Path], preset: str, out: Path, resume: b
         from deeprecon.runtime.errors import NoInputError
         raise NoInputError(f"--data {data}: no such file or folder")
     if warm_start is not None:
-        if stage != "gan":
-            raise UsageError("--warm-start is for the gan stage", hint="the other stages are "
-                             "short enough to retrain, or resume with --resume")
+        if stage not in WARM_START_STAGES:
+            raise UsageError(f"--warm-start is for the {', '.join(WARM_START_STAGES)} stages",
+                             hint="the other stages are short enough to retrain, or resume "
+                                  "with --resume")
         if resume:
             raise UsageError("--warm-start starts a new run folder; it does not go with --resume")
         if not Path(warm_start).is_file():
@@ -212,7 +216,7 @@ def _command(stage: str):
         max_patients: Optional[int] = typer.Option(None, "--max-patients", help="Use only the first N patients of the split."),
         set_: List[str] = typer.Option([], "--set", help="Override a stage setting, KEY=VALUE (repeatable)."),
         lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="alex_shift_tolerant.pth to use instead of the installed stlpips-pytorch wheel's (SHA-256 checked)."),
-        warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="gan: continue from a compact state (a run's compact.safetensors, float16 weights, e.g. committed from another machine) in a new run folder."),
+        warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="gan: continue from a compact state (a run's compact.safetensors, float16 weights, e.g. committed from another machine) in a new run folder. seg, seg-direct: start the U-Net from a finished seg or seg-direct run's model.safetensors."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's). On a shared 2-core machine 1 thread per training process is fastest."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ):

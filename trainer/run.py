@@ -61,8 +61,9 @@ class RunContext:
     data_sha256: set by :meth:`slices`: the fingerprint of the run's training slices
               (sha256 over the preprocessed images, labels, ROI and ids), written
               into summary.json as the identity of the data the run saw.
-    warm_start: a compact state (``compact.safetensors`` of a run, float16 weights) to
-              continue from on a fresh run folder; gan only.
+    warm_start: where a fresh run folder's networks start (recorded in run.json): for gan
+              a compact state (``compact.safetensors`` of a run, float16 weights), for
+              seg and seg-direct a finished U-Net run's model file.
     """
 
     run_dir: Path
@@ -96,6 +97,8 @@ class RunContext:
                   "inputs": {k: str(v) for k, v in self.inputs.items()},
                   "world_size": self.dist.world_size, "device": str(self.device),
                   "versions": versions()}
+        if self.warm_start is not None:
+            record["warm_start"] = str(self.warm_start)
         path = self.run_dir / RUN_FILE
         if self.resume:
             old = read_run(self.run_dir)

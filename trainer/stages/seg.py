@@ -8,7 +8,11 @@
 
 Both use a random x-flip and rotation by multiples of 90 degrees per batch and, with
 ``affine`` (the ``cpu64`` default), a random affine and intensity change per image
-(:func:`.common.affine_intensity`). ``class_weights`` (background, LVC, LVM, RVC)
+(:func:`.common.affine_intensity`). ``with_real`` (``seg`` only): the training set is
+G(w*) and the bank's real slices, both with the real labels (Seg still segments G(w*)
+at run time; the real slices anchor the labels where G(w*) drifts from x).
+``--warm-start FILE`` starts the U-Net from a finished seg or seg-direct run's model
+file (e.g. DirectSeg, trained on real slices). ``class_weights`` (background, LVC, LVM, RVC)
 weight the cross-entropy per class (empty: unweighted). ``lr_min`` < ``lr``: the
 learning rate follows a cosine from ``lr`` to ``lr_min`` over ``steps`` (a function of
 the step, so resuming needs no scheduler state). With an ACDC data folder, the Dice per structure on the validation split's real slices is
@@ -25,7 +29,8 @@ import torch
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
 
-from ..checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from ..checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint, load_model,
+                          model_modules, save_checkpoint, save_model)
 from ..config import CPU_PRESETS, N_CLASSES
 from ..data import BatchSampler, build_slices
 from ..distributed import (all_reduce_grads, barrier, broadcast_module, decorrelate_rng,
@@ -51,6 +56,7 @@ class Config:
     augment: bool = True
     affine: bool = False
     class_weights: tuple[float, ...] = ()
+    with_real: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -159,6 +165,14 @@ def _acdc_validation(ctx: RunContext, data_dir: Path | None):
 def run(ctx: RunContext, cfg: Config) -> dict:
     seed_all(cfg.seed)
     net = UNet(ctx.model.unet).to(ctx.device)
+    if ctx.warm_start is not None:
+        if "Seg" not in model_modules(ctx.warm_start):
+            raise UsageError(f"--warm-start {ctx.warm_start}: not a seg or seg-direct model "
+                             f"file (it holds no U-Net 'Seg')")
+        load_model(ctx.warm_start, {"Seg": net})
+        log.info("%s: U-Net starts from %s", ctx.stage, ctx.warm_start)
+    if cfg.with_real and ctx.stage == "seg-direct":
+        raise UsageError("with_real is for the seg stage (seg-direct trains on real slices only)")
     if ctx.stage == "seg-direct":
         data = ctx.slices(require_labels=True)
         images, labels, data_dir = data.images, data.labels, ctx.data_dir
@@ -176,8 +190,11 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         with torch.no_grad():
             images = batched(G, bank["w"], 64, ctx.device)  # [N, 1, R, R] = G(w*)
         labels = slices.labels
+        if cfg.with_real:
+            images, labels = torch.cat([images, slices.images]), torch.cat([labels, labels])
         data_dir = ctx.data_dir or (Path(lat_run["data"]) if lat_run.get("data") else None)
-        log.info("seg: %d synthetic slices rendered from the latent bank", len(images))
+        log.info("seg: %d synthetic slices rendered from the latent bank%s", len(bank["w"]),
+                 f", and as many real ones" if cfg.with_real else "")
     validate = _acdc_validation(ctx, data_dir)
     return train_supervised(ctx, cfg, net, "Seg", images, labels, spatial_inputs=True,
                             validate=validate)
