@@ -163,6 +163,8 @@ def _acdc_validation(ctx: RunContext, data_dir: Path | None):
 
 
 def run(ctx: RunContext, cfg: Config) -> dict:
+    if cfg.with_real and ctx.stage == "seg-direct":
+        raise UsageError("with_real is for the seg stage (seg-direct trains on real slices only)")
     seed_all(cfg.seed)
     net = UNet(ctx.model.unet).to(ctx.device)
     if ctx.warm_start is not None:
@@ -171,8 +173,6 @@ def run(ctx: RunContext, cfg: Config) -> dict:
                              f"file (it holds no U-Net 'Seg')")
         load_model(ctx.warm_start, {"Seg": net})
         log.info("%s: U-Net starts from %s", ctx.stage, ctx.warm_start)
-    if cfg.with_real and ctx.stage == "seg-direct":
-        raise UsageError("with_real is for the seg stage (seg-direct trains on real slices only)")
     if ctx.stage == "seg-direct":
         data = ctx.slices(require_labels=True)
         images, labels, data_dir = data.images, data.labels, ctx.data_dir
@@ -194,7 +194,7 @@ def run(ctx: RunContext, cfg: Config) -> dict:
             images, labels = torch.cat([images, slices.images]), torch.cat([labels, labels])
         data_dir = ctx.data_dir or (Path(lat_run["data"]) if lat_run.get("data") else None)
         log.info("seg: %d synthetic slices rendered from the latent bank%s", len(bank["w"]),
-                 f", and as many real ones" if cfg.with_real else "")
+                 ", and as many real ones" if cfg.with_real else "")
     validate = _acdc_validation(ctx, data_dir)
     return train_supervised(ctx, cfg, net, "Seg", images, labels, spatial_inputs=True,
                             validate=validate)
