@@ -103,7 +103,8 @@ def _mean_sd(values) -> dict:
 
 def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
              direct: Path | None, wseg: Path | None, batch: int | None = None,
-             largest_component: bool = True) -> dict:
+             largest_component: bool = True, backend: str = "auto",
+             threads: int | None = None) -> dict:
     rows: dict[str, dict] = {}
 
     def post(labels, study):  # the pipeline's step, on the rows that bypass it
@@ -111,7 +112,9 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
             return labels
         return keep_largest_component(labels, study.geometry.pixel_spacing)[0]
 
-    rec = Reconstructor(bundle, backend="torch", device="cpu")
+    rec = Reconstructor(bundle, backend=backend, device="cpu")
+    if rec.backend.name == "onnxruntime":
+        rec.backend.threads = threads  # its sessions open on first use, with these threads
     model = ModelConfig.from_dict(rec.bundle.manifest["model"]["config"])
     dnet = wnet = None
     if direct is not None:
@@ -182,7 +185,7 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
             s["image_roi"] = {m: _mean_sd([i[m] for i in r["image"]]) for m in ("psnr", "ssim")}
         summary[name] = s
     return {"summary": summary, "patients": per_patient, "bundle": rec.bundle_info(),
-            "_pictures": pictures}
+            "backend": rec.backend.info(), "_pictures": pictures}
 
 
 def figure(pictures: dict, path: Path, n: int = 6) -> None:
@@ -245,6 +248,8 @@ def main() -> None:
     ap.add_argument("--max-patients", type=int)
     ap.add_argument("--batch", type=int, help="inversion batch (default: the bundle's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"],
+                    help="the DeepRecon rows' backend (auto: what reconstruct runs by default)")
     ap.add_argument("--keep-islands", action="store_true",
                     help="score the networks' labels as they are (default: every row keeps "
                          "each structure's largest 3D part, as reconstruct does)")
@@ -258,7 +263,8 @@ def main() -> None:
     t0 = time.time()
     result = evaluate(data, patients, bundle=args.bundle, steps=args.steps, direct=args.direct,
                       wseg=args.wseg, batch=args.batch,
-                      largest_component=not args.keep_islands)
+                      largest_component=not args.keep_islands, backend=args.backend,
+                      threads=args.threads)
     result.update({
         "protocol": {"data": str(args.data), "split": args.split, "patients": patients,
                      "volumes": "every labelled phase (ED, ES) of each patient is one 3D volume; "

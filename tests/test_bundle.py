@@ -509,6 +509,8 @@ def chain(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_path, capsys):
+    """(--no-onnx: the ONNX graphs are three quarters of an export's time; writing them is
+    the tiny_bundle fixture's test, test_build_bundle_writes_every_file_and_the_manifest.)"""
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)  # an existing bundle, replaced with --overwrite
     (out / "stray.txt").write_text("old")
@@ -517,7 +519,7 @@ def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_pat
                                     "validation": {"dice_lvc": 0.5}}))
     assert cli_run(["export", str(chain["seg"]), "-o", str(out), "--overwrite", "--json",
                     "--name", "tiny-chain", "--set", "steps=7", "--set", "lr=0.05",
-                    "--describe", str(describe)]) == 0
+                    "--describe", str(describe), "--no-onnx"]) == 0
     info = json.loads(capsys.readouterr().out)
     b = load_bundle(out)
     assert info["sha256"] == b.sha256 and info["bundle"] == str(out)
@@ -529,7 +531,7 @@ def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_pat
     stages = ("gan", "encoder", "latents", "seg")
     assert prov["runs"] == {k: str(chain[k].resolve()) for k in stages}
     assert prov["command"] == (f"deeprecon-rt export {chain['seg']} -o {out} --name tiny-chain "
-                               f"--describe {describe} --set steps=7 --set lr=0.05 --overwrite")
+                               f"--describe {describe} --set steps=7 --set lr=0.05 --overwrite --no-onnx")
     assert prov["licence"] == "CC BY-NC-SA 4.0 (the training data's)"
     assert prov["validation"] == {"dice_lvc": 0.5}
     # every run of the chain: its settings, data and the fingerprint of its slices
