@@ -492,7 +492,20 @@ def bundle_info(
     for k in ("sha256", "preset", "resolution", "num_ws", "w_dim", "created"):
         table.add_row(k, str(desc.get(k)))
     table.add_row("preprocess", json.dumps(desc["preprocess"]))
-    table.add_row("provenance", json.dumps(desc["provenance"]))
+    prov = dict(desc["provenance"])
+    # what a user must read first: the licence, the data, the validation and its status
+    for key in ("licence", "status"):
+        if isinstance(prov.get(key), str):
+            table.add_row(key, prov.pop(key))
+    if isinstance(prov.get("training_data"), dict):
+        table.add_row("training data", ", ".join(f"{k} {v}" for k, v in prov.pop("training_data").items()))
+    val = prov.get("validation")
+    if isinstance(val, dict) and isinstance(val.get("dice"), dict):
+        table.add_row("validation", (
+            "Dice " + " / ".join(f"{k} {v}" for k, v in val["dice"].items())
+            + f" on {val.get('patients', '?')} {val.get('dataset', '')} patients "
+            f"({val.get('split', '')}); meets the bar: {val.get('meets_bar', '?')}"))
+    table.add_row("provenance", json.dumps(prov))
     table.add_row("inversion", json.dumps(desc["inversion"]))
     for name, g in desc["graphs"].items():
         table.add_row(f"graph {name}",

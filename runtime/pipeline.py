@@ -221,6 +221,22 @@ def _stage_progress(progress: Progress, stage: str) -> Progress:
     return cb
 
 
+def model_warnings(bundle: dict[str, Any]) -> list[str]:
+    """What a reader of the results must know about the model itself: a bundle whose
+    recorded validation (provenance ``validation``, written at export with ``--describe``)
+    says it is below the project's bar. The warning gives the measured Dice, so that the
+    report does not present the measures as if the model met it."""
+    val = (bundle.get("provenance") or {}).get("validation")
+    if not isinstance(val, dict) or val.get("meets_bar") is not False:
+        return []
+    dice = val.get("dice") or {}
+    figures = " / ".join(f"{k} {v:.2f}" for k, v in dice.items() if isinstance(v, (int, float)))
+    return [f"model {bundle.get('name', '?')} is below the project's validation bar: Dice "
+            f"{figures or '?'} on {val.get('patients', '?')} {val.get('dataset', '')} "
+            f"validation patients ({val.get('bar', 'see its provenance')}); check the "
+            f"segmentation overlays before using the measures"]
+
+
 class Reconstructor:
     """Reconstructs studies with one bundle on one backend and device.
 
@@ -286,7 +302,7 @@ class Reconstructor:
         inversion: other :class:`InversionSettings` overrides (lr, lambda1, ...).
         """
         stages = _Stages()
-        warnings: list[str] = []
+        warnings: list[str] = model_warnings(self.bundle_info())
         with stages("load"):
             if not isinstance(study, Study):
                 from .io import load_study

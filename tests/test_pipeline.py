@@ -3,6 +3,8 @@ shapes, geometry of the high-resolution volume, measures, the inversion's behavi
 the pieces (phase selection, latent interpolation, ROI, R_S) on their own."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -213,6 +215,10 @@ def test_reconstructor_errors(tiny_bundle, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(UnavailableError, match="cuda"):
             Reconstructor(tiny_bundle, device="cuda:0")
+    from deeprecon.runtime import bundle as runtime_bundle
+
+    monkeypatch.delenv("DEEPRECON_BUNDLE", raising=False)
+    monkeypatch.setattr(runtime_bundle, "SHIPPED_BUNDLE", Path(tiny_bundle).parent / "none")
     with pytest.raises(UnavailableError, match="no reference bundle"):
         Reconstructor(None)
 
@@ -239,3 +245,23 @@ def test_reconstruct_keeps_each_structures_largest_part(rec):
     assert (res.hr_labels[changed] == 0).all()
     np.testing.assert_array_equal(res.hr_labels[:, ::2], res.model_labels)
     assert "postprocess" in res.timings and "postprocess" not in raw.timings
+
+
+def test_a_model_below_its_validation_bar_is_a_warning_and_in_the_report_header():
+    """A bundle whose recorded validation says it is below the bar gives every result a
+    warning with its Dice, and the HTML header shows it as a warning; a bundle that meets
+    the bar shows its Dice without one, and a bundle with no validation record shows neither."""
+    from deeprecon.runtime.outputs.html_report import _validation_html
+    from deeprecon.runtime.pipeline import model_warnings
+
+    val = {"dataset": "ACDC", "patients": 20, "dice": {"LVC": 0.81, "LVM": 0.66, "RVC": 0.47},
+           "meets_bar": False, "bar": "within 0.03 of DirectSeg"}
+    below = {"name": "ref", "provenance": {"validation": val}}
+    (w,) = model_warnings(below)
+    assert "ref" in w and "LVC 0.81 / LVM 0.66 / RVC 0.47" in w and "20 ACDC" in w
+    assert "below the project's bar" in _validation_html(below) and 'class="warn"' in _validation_html(below)
+    met = {"name": "ref", "provenance": {"validation": {**val, "meets_bar": True}}}
+    assert model_warnings(met) == [] and "LVM 0.66" in _validation_html(met)
+    assert "warn" not in _validation_html(met)
+    for none in ({"name": "x", "provenance": {"runs": {}}}, {}):
+        assert model_warnings(none) == [] and _validation_html(none) == ""

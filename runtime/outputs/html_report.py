@@ -337,6 +337,21 @@ def _run_html(report: Mapping[str, Any]) -> str:
     return out
 
 
+def _validation_html(bundle: Mapping[str, Any]) -> str:
+    """The header's line on the model's recorded validation (provenance ``validation``):
+    its Dice per structure, marked as a warning when it is below the project's bar."""
+    val = (bundle.get("provenance") or {}).get("validation")
+    if not isinstance(val, dict) or not isinstance(val.get("dice"), dict):
+        return ""
+    figures = " / ".join(f"{_e(k)} {v:.2f}" for k, v in val["dice"].items()
+                         if isinstance(v, (int, float)))
+    text = (f"model validation Dice {figures} ({_e(val.get('patients', '?'))} "
+            f"{_e(val.get('dataset', ''))} patients)")
+    if val.get("meets_bar") is False:
+        return f' &middot; <a class="warn" href="#warnings"><strong>&#9888; {text}: below the project\'s bar</strong></a>'
+    return f" &middot; {text}"
+
+
 def _provenance_html(prov: Any, *, depth: int = 3, inline_chars: int = 200) -> str:
     """The bundle manifest's provenance as it is (nothing added): nested objects
     flattened to ``depth`` levels ("training: seg: summary"), deeper or long values as
@@ -436,7 +451,8 @@ def write_report(result: Result, folder: str | Path, pictures: Mapping[str, Any]
     sub = (f"{_e(study.source)} &middot; created {_e(report.get('created'))} UTC &middot; "
            f"bundle {_e(bundle.get('name', '?'))}{preset} "
            f"<span class=\"mono\">{_e(str(bundle.get('sha256', ''))[:16])}</span> &middot; "
-           f"{_e(report.get('backend'))} on {_e(report.get('device'))}{alert}")
+           f"{_e(report.get('backend'))} on {_e(report.get('device'))}{alert}"
+           f"{_validation_html(bundle)}")
     vers = (report.get("versions") or {}).get("deeprecon", "")
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
