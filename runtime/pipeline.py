@@ -302,7 +302,7 @@ class Reconstructor:
         inversion: other :class:`InversionSettings` overrides (lr, lambda1, ...).
         """
         stages = _Stages()
-        warnings: list[str] = model_warnings(self.bundle_info())
+        warnings: list[str] = []
         with stages("load"):
             if not isinstance(study, Study):
                 from .io import load_study
@@ -313,6 +313,7 @@ class Reconstructor:
             # network runs (see deeprecon.runtime.io.acquisition)
             from .io.acquisition import check_acquisition
             check_acquisition(study)
+        warnings += model_warnings(self.bundle_info())
         sel = parse_phases(phases, study)
         settings = self.settings(steps=steps, **inversion)
         if interp is None:
