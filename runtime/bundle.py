@@ -851,10 +851,27 @@ def default_bundle_path() -> Path:
     return path
 
 
+def validation_summary(provenance: Mapping[str, Any] | None) -> tuple[str, bool | None] | None:
+    """The validation a bundle's provenance records (``validation``, written at export with
+    ``--describe``) as one line, ``"Dice LVC 0.914 / LVM 0.817 / RVC 0.803 on 20 ACDC
+    validation patients"``, and whether it meets the project's bar (None: not recorded).
+    None when no per-structure Dice is recorded. What ``bundle info``, the results'
+    warning and the report header say of the model."""
+    val = (provenance or {}).get("validation")
+    if not isinstance(val, dict) or not isinstance(val.get("dice"), dict):
+        return None
+    figures = " / ".join(f"{k} {v:.3g}" for k, v in val["dice"].items()
+                         if isinstance(v, (int, float)))
+    text = (f"Dice {figures or '?'} on {val.get('patients', '?')} "
+            f"{val.get('dataset', '')} validation patients")
+    met = val.get("meets_bar")
+    return text, met if isinstance(met, bool) else None
+
+
 __all__ = ["BUNDLE_FORMAT", "SCHEMA_VERSION", "MANIFEST", "BATCH", "GRAPH_NAMES",
            "GRADIENT_GRAPHS", "NETWORKS", "ARTIFACT_KINDS", "BoundProgram",
            "INVERSION_KEYS", "TensorSpec", "GraphSpec", "Bundle", "load_bundle",
            "graph_specs", "gradient_graph_specs", "check_program_archive",
-           "default_bundle_path",
+           "default_bundle_path", "validation_summary",
            "SHIPPED_BUNDLE", "BUNDLE_ENV",
            "dtype_name"]

@@ -475,7 +475,7 @@ def bundle_info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Check a model bundle (every file's SHA-256) and describe it: networks, graphs, preprocessing, inversion defaults."""
-    from deeprecon.runtime.bundle import default_bundle_path, load_bundle
+    from deeprecon.runtime.bundle import default_bundle_path, load_bundle, validation_summary
 
     b = load_bundle(default_bundle_path() if path is None else path)
     desc = b.describe()
@@ -499,12 +499,10 @@ def bundle_info(
             table.add_row(key, prov.pop(key))
     if isinstance(prov.get("training_data"), dict):
         table.add_row("training data", ", ".join(f"{k} {v}" for k, v in prov.pop("training_data").items()))
-    val = prov.get("validation")
-    if isinstance(val, dict) and isinstance(val.get("dice"), dict):
-        table.add_row("validation", (
-            "Dice " + " / ".join(f"{k} {v}" for k, v in val["dice"].items())
-            + f" on {val.get('patients', '?')} {val.get('dataset', '')} patients "
-            f"({val.get('split', '')}); meets the bar: {val.get('meets_bar', '?')}"))
+    summary = validation_summary(prov)
+    if summary is not None:
+        met = {True: "yes", False: "no", None: "not recorded"}[summary[1]]
+        table.add_row("validation", f"{summary[0]}; meets the project's bar: {met}")
     table.add_row("provenance", json.dumps(prov))
     table.add_row("inversion", json.dumps(desc["inversion"]))
     for name, g in desc["graphs"].items():

@@ -30,7 +30,7 @@ import numpy as np
 
 from .backends import Progress
 from .errors import UsageError
-from .pipeline import Reconstructor, hr_geometry
+from .pipeline import Reconstructor, hr_geometry, model_warnings
 from .result import Result
 from .study import Study
 
@@ -133,6 +133,7 @@ def adapt_reconstructions(reconstructor: Reconstructor, src: Result, tgt: Result
     timings["measures"] = time.perf_counter() - t3
     log.info("motion adaptation: %d phases x %d slices in %.1f s (after reconstructions of %.1f s)",
              T, S, time.perf_counter() - t0, t_recon)
+    shared = model_warnings(src.bundle or {})   # the model's own: once, not per input
     options = dict(src.options)
     options.update({"target_phases": list(tgt.phases), "source_phases": list(src.phases),
                     "source_ed": src.ed_index, "target_ed": tgt.ed_index})
@@ -141,8 +142,9 @@ def adapt_reconstructions(reconstructor: Reconstructor, src: Result, tgt: Result
                   latents=codes, hr_images=hr_images, hr_labels=hr_labels, hr_geometry=hr_geo,
                   interp=src.interp, measures=measures, inversion=src.inversion,
                   timings=timings, options=options, bundle=src.bundle,
-                  warnings=([f"source: {w}" for w in src.warnings]
-                            + [f"target: {w}" for w in tgt.warnings]
+                  warnings=(shared
+                            + [f"source: {w}" for w in src.warnings if w not in shared]
+                            + [f"target: {w}" for w in tgt.warnings if w not in shared]
                             + [f["message"] for f in flags]),
                   plausibility=flags, kind="motion_adaptation",
                   extra={"source": src, "target": tgt})

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backends import InversionSettings, Progress, open_backend
-from .bundle import Bundle, default_bundle_path, load_bundle
+from .bundle import Bundle, default_bundle_path, load_bundle, validation_summary
 from .errors import UsageError
 from .measures import clinical_measures, plausibility_flags, study_measures, voxel_volume_ml
 from .postprocess import BRIDGE_MM, island_warnings, keep_largest_component
@@ -223,18 +223,15 @@ def _stage_progress(progress: Progress, stage: str) -> Progress:
 
 def model_warnings(bundle: dict[str, Any]) -> list[str]:
     """What a reader of the results must know about the model itself: a bundle whose
-    recorded validation (provenance ``validation``, written at export with ``--describe``)
-    says it is below the project's bar. The warning gives the measured Dice, so that the
-    report does not present the measures as if the model met it."""
-    val = (bundle.get("provenance") or {}).get("validation")
-    if not isinstance(val, dict) or val.get("meets_bar") is not False:
+    recorded validation says it is below the project's bar (:func:`~.bundle.
+    validation_summary`). The warning gives the measured Dice, so that the report does not
+    present the measures as if the model met it."""
+    summary = validation_summary(bundle.get("provenance"))
+    if summary is None or summary[1] is not False:
         return []
-    dice = val.get("dice") or {}
-    figures = " / ".join(f"{k} {v:.2f}" for k, v in dice.items() if isinstance(v, (int, float)))
-    return [f"model {bundle.get('name', '?')} is below the project's validation bar: Dice "
-            f"{figures or '?'} on {val.get('patients', '?')} {val.get('dataset', '')} "
-            f"validation patients ({val.get('bar', 'see its provenance')}); check the "
-            f"segmentation overlays before using the measures"]
+    bar = (bundle.get("provenance") or {})["validation"].get("bar", "see its provenance")
+    return [f"model {bundle.get('name', '?')} is below the project's validation bar: "
+            f"{summary[0]} ({bar}); check the segmentation overlays before using the measures"]
 
 
 class Reconstructor:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
+from ..bundle import validation_summary
 from ..errors import UsageError
 from ..measures import MEASURE_COLUMNS, PLAUSIBLE_RANGES
 from ..result import MOTION_KIND, Result, all_warnings, frame_ids
@@ -338,17 +339,15 @@ def _run_html(report: Mapping[str, Any]) -> str:
 
 
 def _validation_html(bundle: Mapping[str, Any]) -> str:
-    """The header's line on the model's recorded validation (provenance ``validation``):
-    its Dice per structure, marked as a warning when it is below the project's bar."""
-    val = (bundle.get("provenance") or {}).get("validation")
-    if not isinstance(val, dict) or not isinstance(val.get("dice"), dict):
+    """The header's line on the model's recorded validation (:func:`~..bundle.
+    validation_summary`), marked as a warning when it is below the project's bar."""
+    summary = validation_summary(bundle.get("provenance"))
+    if summary is None:
         return ""
-    figures = " / ".join(f"{_e(k)} {v:.2f}" for k, v in val["dice"].items()
-                         if isinstance(v, (int, float)))
-    text = (f"model validation Dice {figures} ({_e(val.get('patients', '?'))} "
-            f"{_e(val.get('dataset', ''))} patients)")
-    if val.get("meets_bar") is False:
-        return f' &middot; <a class="warn" href="#warnings"><strong>&#9888; {text}: below the project\'s bar</strong></a>'
+    text = f"model validation {_e(summary[0])}"
+    if summary[1] is False:
+        return (f' &middot; <a class="warn" href="#warnings"><strong>&#9888; {text}: '
+                "below the project's bar</strong></a>")
     return f" &middot; {text}"
 
 
