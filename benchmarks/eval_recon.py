@@ -42,7 +42,10 @@ Protocols:
 
 Writes JSON (benchmarks/results/eval_recon_<protocols>.json by default) with the bundle's
 identity, the data, per-case values, the summary (mean (sd)), CPU and wall time; prints
-and optionally writes (--md) the markdown tables.
+and optionally writes (--md) the markdown tables; with --figures DIR, one PNG per protocol
+of its first case (eval_recon_<protocol>.png: the removed slices; through-plane cuts of
+the phantom's volumes; the volumes on each long-axis plane), every method's labels drawn
+over the same image with their Dice.
 """
 from __future__ import annotations
 
@@ -138,8 +141,11 @@ def _bundle_trained(rec: Reconstructor) -> bool:
 # --------------------------------------------------------------------------- slice drop
 def slice_drop_case(rec: Reconstructor, study: Study, *, name: str, steps: int | None,
                     baselines: Sequence[str] = BASELINES,
-                    label_inputs: Sequence[str] = LABEL_INPUTS) -> dict[str, Any]:
-    """The slice-drop protocol on one labelled study (every labelled phase)."""
+                    label_inputs: Sequence[str] = LABEL_INPUTS,
+                    picture: dict | None = None) -> dict[str, Any]:
+    """The slice-drop protocol on one labelled study (every labelled phase); ``picture``
+    (a dict) receives the first phase's removed slices, real and reconstructed, for
+    :func:`figure_slice_drop`."""
     if study.labels is None:
         raise ValueError(f"{name}: slice drop needs a labelled study")
     t = _timer()
@@ -161,7 +167,18 @@ def slice_drop_case(rec: Reconstructor, study: Study, *, name: str, steps: int |
             vol, geo = per[p]
             lab, _ = resample_labels(vol, geo, removed_geo, (H, W))
             dice[m] = structure_dice(lab, ref[p])
+            if picture is not None and p == 0:
+                picture.setdefault("labels", {})[m] = lab
         per_phase.append({"phase_id": int(study.phase_ids[phases[p]]), "dice": dice})
+    if picture is not None:
+        picture.update(name=name, phase_id=per_phase[0]["phase_id"], removed=removed.tolist(),
+                       image=study.images[phases[0]][removed], ref=ref[0],
+                       pixel_spacing=tuple(study.geometry.pixel_spacing),
+                       render=res.hr_images[0, removed], render_labels=res.hr_labels[0, removed])
+        if "linear+Seg" in vols:
+            lo = (removed - 1) // 2
+            picture.update(linear=0.5 * (res.model_images[0, lo] + res.model_images[0, lo + 1]),
+                           linear_labels=vols["linear+Seg"][0][0][removed])
 
     # images on the model grid: the removed slices placed on the HR planes at their positions
     images: dict[str, Any] = {}
@@ -214,8 +231,13 @@ def phantom_interp(ph: Phantom) -> int:
 def phantom_case(rec: Reconstructor, ph: Phantom, *, name: str, steps: int | None,
                  protocols: Sequence[str] = ("phantom", "lax"),
                  baselines: Sequence[str] = BASELINES,
-                 label_inputs: Sequence[str] = LABEL_INPUTS) -> dict[str, Any]:
-    """The phantom and/or LAX protocols on one phantom (every phase)."""
+                 label_inputs: Sequence[str] = LABEL_INPUTS,
+                 pictures: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The phantom and/or LAX protocols on one phantom (every phase); ``pictures`` ({protocol:
+    dict}) receives the first phase's volumes on the truth's grid ("phantom") and every
+    method's labels on each LAX plane ("lax") for :func:`figure_phantom` and
+    :func:`figure_lax`."""
+    pictures = pictures or {}
     t = _timer()
     N = phantom_interp(ph)
     res = rec.reconstruct(ph.study, steps=steps, interp=N, phases="all")
@@ -235,6 +257,8 @@ def phantom_case(rec: Reconstructor, ph: Phantom, *, name: str, steps: int | Non
             row = {}
             for m, per in vols.items():
                 lab, _ = resample_labels(*per[p], truth_geo, (H, W))
+                if "phantom" in pictures and p == 0:
+                    pictures["phantom"].setdefault("labels", {})[m] = lab
                 metr = evaluate_segmentation(lab, truth[p], spacing)
                 row[m] = {s: {"dice": metr[s]["dice"], "hd95_mm": metr[s]["hd95_mm"],
                               "assd_mm": metr[s]["assd_mm"],
@@ -246,15 +270,27 @@ def phantom_case(rec: Reconstructor, ph: Phantom, *, name: str, steps: int | Non
                           for s in STRUCTURES}
             rows.append({"phase": p, "methods": row})
         out["phantom"] = rows
+        if "phantom" in pictures:
+            pictures["phantom"].update(
+                name=name, truth=truth[0], image=ph.truth.images[0, idx[0]:idx[-1] + 1],
+                spacing_mm=spacing, dice={m: {s: d["dice"] for s, d in r.items()}
+                                          for m, r in rows[0]["methods"].items()})
     if "lax" in protocols:
         views = []
         for view, plane in ph.lax.items():
             for p in range(res.n_phases):
                 planes = {m: per[p] for m, per in vols.items()}
                 planes["truth"] = (truth[p], truth_geo)
+                keep = None
+                if "lax" in pictures and p == 0:
+                    keep = pictures["lax"].setdefault("views", {}).setdefault(view, {})
+                    keep.update(image=plane.images[0], ref=plane.labels[0],
+                                pixel_spacing=tuple(plane.geometry.pixel_spacing))
                 views.append({"view": view, "phase": p,
-                              **lax_dice(planes, plane.labels[p], plane.geometry)})
+                              **lax_dice(planes, plane.labels[p], plane.geometry, keep=keep)})
         out["lax"] = views
+        if "lax" in pictures:
+            pictures["lax"]["name"] = name
     out["pipeline_timings"] = res.timings
     out.update(_elapsed(t))
     return out
@@ -265,12 +301,15 @@ def _pct(a: float, b: float) -> float:
 
 
 def lax_dice(volumes: dict[str, tuple[np.ndarray, Geometry]], ref: np.ndarray,
-             plane: Geometry) -> dict[str, Any]:
+             plane: Geometry, *, keep: dict | None = None) -> dict[str, Any]:
     """Every volume sampled onto one LAX plane, 2D Dice per structure on the pixels inside
-    every volume. ref: [h, w] labels of the plane; plane: its one-slice geometry."""
+    every volume. ref: [h, w] labels of the plane; plane: its one-slice geometry; ``keep``
+    (a dict) receives the sampled labels ("labels": {method: [h, w]}) and the mask."""
     pts = plane_points(plane, ref.shape)[0]
     sampled = {m: sample_labels(v, g, pts) for m, (v, g) in volumes.items()}
     mask = np.logical_and.reduce([ins for _, ins in sampled.values()])
+    if keep is not None:
+        keep.update(labels={m: lab for m, (lab, _) in sampled.items()}, mask=mask)
     lvc = ref == 1
     return {"mask_fraction": float(mask.mean()),
             "lvc_outside_mask": float((lvc & ~mask).sum() / lvc.sum()) if lvc.any() else None,
@@ -279,18 +318,26 @@ def lax_dice(volumes: dict[str, tuple[np.ndarray, Geometry]], ref: np.ndarray,
 
 def pair_case(rec: Reconstructor, pair: dict[str, str], *, steps: int | None,
               interp: int | None, baselines: Sequence[str] = BASELINES,
-              label_inputs: Sequence[str] = LABEL_INPUTS) -> dict[str, Any]:
-    """The LAX protocol on one real SAX + LAX pair (M&Ms-2 layout, one phase)."""
+              label_inputs: Sequence[str] = LABEL_INPUTS,
+              picture: dict | None = None) -> dict[str, Any]:
+    """The LAX protocol on one real SAX + LAX pair (M&Ms-2 layout, one phase); ``picture``
+    (a dict) receives the plane and every method's labels on it for :func:`figure_lax`."""
     from deeprecon.runtime.io.nifti import load_nifti
 
     t = _timer()
     study = load_nifti(pair["sa"], label_convention="project")
-    _, lax_labels, lax_geo = load_lax_plane(pair["la"])
+    lax_images, lax_labels, lax_geo = load_lax_plane(pair["la"])
     res = rec.reconstruct(study, steps=steps, interp=interp, phases="all")
     vols, left_out = method_volumes(rec, res, study.labels, baselines=baselines,
                                     label_inputs=label_inputs)
+    keep = None
+    if picture is not None:
+        keep = {"image": lax_images[0], "ref": lax_labels[0],
+                "pixel_spacing": tuple(lax_geo.pixel_spacing)}
+        picture.update(name=f"{pair['id']}_{pair['phase']}", views={"LA": keep})
     views = [{"view": "LA", "phase": p,
-              **lax_dice({m: per[p] for m, per in vols.items()}, lax_labels[p], lax_geo)}
+              **lax_dice({m: per[p] for m, per in vols.items()}, lax_labels[p], lax_geo,
+                         keep=keep if p == 0 else None)}
              for p in range(res.n_phases)]
     return {"case": f"{pair['id']}_{pair['phase']}", "files": pair, "interp": res.interp,
             "lax": views, "left_out": left_out, "pipeline_timings": res.timings,
@@ -396,6 +443,152 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# --------------------------------------------------------------------------- figures
+# the label methods a figure shows, in this order, where the run has them
+FIGURE_METHODS = ("DeepRecon", "linear+Seg", "nearest (Seg)", "SDF (Seg)", "MCI (Seg)")
+
+
+def _dice_text(d: dict[str, float]) -> str:
+    return " ".join(f"{s} {'-' if math.isnan(d[s]) else f'{d[s]:.2f}'}" for s in STRUCTURES)
+
+
+def _figure(rows: int, cols: int, *, width: float = 1.55, height: float = 1.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols + 0.3, height * rows + 0.5), dpi=110)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _dice_label(ax, d: dict[str, float]) -> None:
+    """A panel's Dice, written inside it at the bottom (labels outside an aspect-fixed
+    panel can fall under the next row)."""
+    ax.text(0.5, 0.01, _dice_text(d), transform=ax.transAxes, ha="center", va="bottom",
+            fontsize=5, color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1,
+                                             "linewidth": 0})
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    from deeprecon.runtime.qc import LABEL_COLOURS
+
+    from matplotlib.patches import Patch
+
+    fig.suptitle(title, fontsize=8)
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in zip(STRUCTURES, LABEL_COLOURS.values())],
+               loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95), pad=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def figure_slice_drop(pic: dict, path: Path, *, n: int = 3) -> Path:
+    """Up to ``n`` removed slices with a heart (rows): the real slice with its reference
+    labels, DeepRecon's rendering G(w) with its labels and the linear image with Seg's
+    (both on the model grid), then each method's labels on the real slice (native grid)
+    with the slice's Dice."""
+    from deeprecon.runtime.qc import crop_box, draw_labels, image_window
+
+    ref, img = pic["ref"], pic["image"]
+    has = np.flatnonzero((ref == 1).reshape(len(ref), -1).any(1))
+    if has.size == 0:
+        raise ValueError(f"{pic['name']}: no removed slice shows the LV")
+    pick = has[np.unique(np.round(np.linspace(0, has.size - 1, min(n, has.size))).astype(int))]
+    methods = [m for m in FIGURE_METHODS if m in pic["labels"]]
+    model_cols = [("DeepRecon: G(w)", "render", "render_labels")] + (
+        [("linear image, Seg", "linear", "linear_labels")] if "linear" in pic else [])
+    fig, axes = _figure(len(pick), 1 + len(model_cols) + len(methods))
+    box = crop_box(ref, ref.shape[-2:], 12)
+    dr, dc = pic["pixel_spacing"]
+    vmin, vmax = image_window(img[pick])
+    for i, k in enumerate(pick):
+        row = axes[i]
+        draw_labels(row[0], img[k], ref[k], vmin=vmin, vmax=vmax, aspect=dr / dc, box=box,
+                    linewidth=0.8)
+        row[0].set_ylabel(f"removed slice {pic['removed'][k]}", fontsize=7)
+        for j, (title, im, lab) in enumerate(model_cols, start=1):
+            m = pic[im][k]
+            draw_labels(row[j], m, pic[lab][k], vmin=-1, vmax=1, aspect=1.0,
+                        box=(0, m.shape[0], 0, m.shape[1]), linewidth=0.8)
+            if i == 0:
+                row[j].set_title(f"{title}\n(model grid)", fontsize=6)
+        for j, m in enumerate(methods, start=1 + len(model_cols)):
+            lab = pic["labels"][m][k]
+            draw_labels(row[j], img[k], lab, vmin=vmin, vmax=vmax, aspect=dr / dc, box=box,
+                        linewidth=0.8)
+            _dice_label(row[j], structure_dice(lab, ref[k]))
+            if i == 0:
+                row[j].set_title(m, fontsize=6)
+    axes[0][0].set_title("real, reference", fontsize=6)
+    return _save(fig, path, f"Slice drop, {pic['name']} (phase id {pic['phase_id']}): the removed "
+                            "slices, reconstructed from their neighbours")
+
+
+def figure_phantom(pic: dict, path: Path) -> Path:
+    """Two through-plane cuts (rows: along the rows and the columns through the LV's
+    centre) of the truth and of each method's volume on the truth's grid (first phase),
+    over the truth's image, with each method's 3D Dice of that phase."""
+    from deeprecon.runtime.qc import crop_box, draw_labels, image_window
+
+    truth, img = pic["truth"], pic["image"]
+    dz, dr, dc = pic["spacing_mm"]
+    r_c, c_c = (int(round(v)) for v in np.argwhere(truth == 1)[:, 1:].mean(0))
+    methods = ["truth"] + [m for m in FIGURE_METHODS if m in pic["labels"]]
+    fig, axes = _figure(2, len(methods))
+    vmin, vmax = image_window(img)
+    cuts = (("row", lambda v: v[:, r_c, :], dz / dc), ("column", lambda v: v[:, :, c_c], dz / dr))
+    for i, (what, cut, aspect) in enumerate(cuts):
+        im = cut(img)
+        _, _, c0, c1 = crop_box(cut(truth), im.shape, 8)
+        for j, m in enumerate(methods):
+            lab = cut(truth if m == "truth" else pic["labels"][m])
+            draw_labels(axes[i][j], im, lab, vmin=vmin, vmax=vmax, aspect=aspect,
+                        box=(0, im.shape[0], c0, c1), linewidth=0.7)
+            if i == 0:
+                axes[i][j].set_title(m if m == "truth" else f"{m}\n3D {_dice_text(pic['dice'][m])}",
+                                     fontsize=5.5)
+        axes[i][0].set_ylabel(f"cut along {what} {r_c if what == 'row' else c_c}\n(slices down)",
+                              fontsize=6)
+    return _save(fig, path, f"Phantom {pic['name']} (phase 0): through-plane cuts of the "
+                            f"reconstructed volumes against the exact truth ({dz:g} mm planes)")
+
+
+def figure_lax(pic: dict, path: Path) -> Path:
+    """Each long-axis plane (rows): its image with its own labels, then each method's
+    volume sampled onto it (first phase), with the plane's 2D Dice on the pixels inside
+    every volume (outside them: dimmed)."""
+    from deeprecon.runtime.qc import crop_box, draw_labels, image_window
+
+    views = pic["views"]
+    first = next(iter(views.values()))
+    methods = [m for m in FIGURE_METHODS if m in first["labels"]]
+    fig, axes = _figure(len(views), 1 + len(methods))
+    for i, (view, v) in enumerate(views.items()):
+        ref, mask = v["ref"], v["mask"]
+        img = np.where(mask, v["image"], 0.4 * v["image"])
+        box = crop_box(ref, ref.shape, 10)
+        dr, dc = v["pixel_spacing"]
+        vmin, vmax = image_window(v["image"])
+        draw_labels(axes[i][0], img, ref, vmin=vmin, vmax=vmax, aspect=dr / dc, box=box,
+                    linewidth=0.8)
+        axes[i][0].set_ylabel(view, fontsize=7)
+        for j, m in enumerate(methods, start=1):
+            lab = v["labels"][m]
+            draw_labels(axes[i][j], img, lab, vmin=vmin, vmax=vmax, aspect=dr / dc, box=box,
+                        linewidth=0.8)
+            _dice_label(axes[i][j], structure_dice(lab, ref, mask=mask))
+            if i == 0:
+                axes[i][j].set_title(m, fontsize=6)
+    axes[0][0].set_title("plane, its labels", fontsize=6)
+    return _save(fig, path, f"Long-axis intersection, {pic['name']} (phase 0): the volumes "
+                            "on each plane (dimmed: outside the SAX slab)")
+
+
+FIGURES = {"slice-drop": figure_slice_drop, "phantom": figure_phantom, "lax": figure_lax}
+
+
 # --------------------------------------------------------------------------- main
 def _acdc_patients(split: str, max_patients: int | None) -> list[str]:
     from deeprecon.trainer.split import load_split
@@ -412,6 +605,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases: dict[str, list[dict]] = {p: [] for p in protocols}
     data: dict[str, str] = {}
     kw = {"baselines": args.baselines, "label_inputs": args.label_inputs}
+    # the first case of each protocol is drawn when --figures is given
+    pictures: dict[str, dict] = {p: {} for p in protocols} if args.figures else {}
     if "slice-drop" in protocols:
         from deeprecon.runtime.io import load_study
 
@@ -420,7 +615,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["slice-drop"] = (f"ACDC {args.split} split, {len(patients)} patients "
                               f"({', '.join(p[-3:] for p in patients)}), ED and ES")
         for pid in patients:
-            case = slice_drop_case(rec, load_study(root / pid), name=pid, steps=args.steps, **kw)
+            pic = pictures.get("slice-drop")
+            case = slice_drop_case(rec, load_study(root / pid), name=pid, steps=args.steps,
+                                   picture=pic if pic == {} else None, **kw)
             cases["slice-drop"].append(case)
             print("slice-drop", pid, {m: round(case["phases"][0]["dice"][m]["LVC"], 3)
                                       if not math.isnan(case["phases"][0]["dice"][m]["LVC"]) else None
@@ -437,7 +634,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in seeds:
             ph = make_phantom(**{"seed": seed, "anatomy_jitter": args.phantom_jitter, **opts})
             case = phantom_case(rec, ph, name=f"phantom{seed}", steps=args.steps,
-                                protocols=ph_protocols, **kw)
+                                protocols=ph_protocols, **kw,
+                                pictures={p: pictures[p] for p in ph_protocols
+                                          if p in pictures and not pictures[p]})
             for p in ph_protocols:
                 cases[p].append({k: v for k, v in case.items()
                                  if k not in set(ph_protocols) - {p}})
@@ -449,7 +648,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["lax"] = (data.get("lax", "") + ("; " if data.get("lax") else "")
                        + f"{len(pairs)} SAX+LAX pairs from {args.pairs}")
         for pair in pairs:
-            case = pair_case(rec, pair, steps=args.steps, interp=args.interp, **kw)
+            pic = pictures.get("lax")
+            case = pair_case(rec, pair, steps=args.steps, interp=args.interp,
+                             picture=pic if pic == {} else None, **kw)
             cases["lax"].append(case)
             print("lax pair", case["case"], {m: d["LVC"] for m, d in case["lax"][0]["dice"].items()},
                   flush=True)
@@ -473,7 +674,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     rec.close()
     result.update(_elapsed(t))
-    return result
+    return result, pictures
 
 
 def parser() -> argparse.ArgumentParser:
@@ -496,12 +697,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--label-inputs", nargs="*", choices=LABEL_INPUTS, default=list(LABEL_INPUTS))
     ap.add_argument("--out", type=Path, help="JSON (default benchmarks/results/eval_recon_<protocols>.json)")
     ap.add_argument("--md", type=Path, help="also write the markdown tables here")
+    ap.add_argument("--figures", type=Path, metavar="DIR",
+                    help="also draw the first case of each protocol: DIR/eval_recon_<protocol>.png")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    result = run(args)
+    result, pictures = run(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"eval_recon_{'_'.join(result['protocols'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
@@ -510,6 +713,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(table)
+    for protocol, pic in pictures.items():
+        if pic:
+            print("figure:", FIGURES[protocol](pic, args.figures / f"eval_recon_{protocol}.png"))
     return result
 
 

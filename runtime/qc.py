@@ -80,7 +80,7 @@ def pick_slices(labels: np.ndarray | None, n_slices: int, *, phases: Sequence[in
     return [int(has[i]) for i in pick]
 
 
-def _crop_box(labels: np.ndarray | None, shape: tuple[int, int], margin: int | None):
+def crop_box(labels: np.ndarray | None, shape: tuple[int, int], margin: int | None):
     """(r0, r1, c0, c1) around the labels of a [..., H, W] array, or the full image."""
     H, W = shape
     if margin is None or labels is None or not np.any(labels):
@@ -92,7 +92,8 @@ def _crop_box(labels: np.ndarray | None, shape: tuple[int, int], margin: int | N
             max(0, cols[0] - margin), min(W, cols[-1] + 1 + margin))
 
 
-def _window(images: np.ndarray) -> tuple[float, float]:
+def image_window(images: np.ndarray) -> tuple[float, float]:
+    """Grey window (vmin, vmax) of an image array: its 1st and 99.5th percentiles."""
     finite = images[np.isfinite(images)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -100,7 +101,9 @@ def _window(images: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
-def _draw(ax, img, lab, *, vmin, vmax, aspect, box, linewidth):
+def draw_labels(ax, img, lab, *, vmin, vmax, aspect, box, linewidth):
+    """One panel: ``img`` [H, W] in grey inside ``box`` (r0, r1, c0, c1), the outline of
+    each structure of ``lab`` (None: none) in its LABEL_COLOURS colour, no ticks."""
     r0, r1, c0, c1 = box
     ax.imshow(img[r0:r1, c0:c1], cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect,
               interpolation="nearest")
@@ -167,9 +170,9 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
     n_rows = len(phases)
 
     sel_lab = None if labels is None else labels[phases][:, slices]
-    box = _crop_box(sel_lab, (H, W), crop_margin_px)
+    box = crop_box(sel_lab, (H, W), crop_margin_px)
     r0, r1, c0, c1 = box
-    vmin, vmax = _window(images[phases][:, slices, r0:r1, c0:c1])
+    vmin, vmax = image_window(images[phases][:, slices, r0:r1, c0:c1])
     aspect = pixel_spacing[0] / pixel_spacing[1]
     box_h = (r1 - r0) * pixel_spacing[0]
     box_w = (c1 - c0) * pixel_spacing[1]
@@ -183,7 +186,7 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
         if lax_labs is not None and lax_labs.ndim == 2:
             lax_labs = lax_labs[None]
         lh, lw = lax_imgs.shape[-2:]
-        lbox = _crop_box(lax_labs, (lh, lw), None if crop_margin_px is None else 2 * crop_margin_px)
+        lbox = crop_box(lax_labs, (lh, lw), None if crop_margin_px is None else 2 * crop_margin_px)
         lr0, lr1, lc0, lc1 = lbox
         l_aspect = lax.pixel_spacing[0] / lax.pixel_spacing[1]
         l_h = (lr1 - lr0) * lax.pixel_spacing[0]
@@ -198,8 +201,8 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
     for r, p in enumerate(phases):
         for c, s in enumerate(slices):
             ax = fig.add_subplot(gs[r, c])
-            _draw(ax, images[p, s], None if labels is None else labels[p, s],
-                  vmin=vmin, vmax=vmax, aspect=aspect, box=box, linewidth=linewidth)
+            draw_labels(ax, images[p, s], None if labels is None else labels[p, s],
+                        vmin=vmin, vmax=vmax, aspect=aspect, box=box, linewidth=linewidth)
             if r == 0:
                 ax.set_title(f"slice {s}", fontsize=7, pad=2)
             if c == 0:
@@ -207,9 +210,9 @@ def save_montage(path: str | Path, images: np.ndarray, labels: np.ndarray | None
         if lax is not None:
             f = p if lax_imgs.shape[0] > p else 0
             ax = fig.add_subplot(gs[r, n_cols - 1])
-            lvmin, lvmax = _window(lax_imgs[:, lr0:lr1, lc0:lc1])
-            _draw(ax, lax_imgs[f], None if lax_labs is None else lax_labs[min(f, lax_labs.shape[0] - 1)],
-                  vmin=lvmin, vmax=lvmax, aspect=l_aspect, box=lbox, linewidth=linewidth)
+            lvmin, lvmax = image_window(lax_imgs[:, lr0:lr1, lc0:lc1])
+            draw_labels(ax, lax_imgs[f], None if lax_labs is None else lax_labs[min(f, lax_labs.shape[0] - 1)],
+                        vmin=lvmin, vmax=lvmax, aspect=l_aspect, box=lbox, linewidth=linewidth)
             if r == 0:
                 ax.set_title(lax.name, fontsize=7, pad=2)
     if title:
@@ -444,7 +447,7 @@ def save_long_axis_cuts(path: str | Path, stacks: Sequence[CutStack], *,
             img, lab = img[::-1], None if lab is None else lab[::-1]
         return img, lab
 
-    windows = [_window(s.images[phases]) for s in stacks]
+    windows = [image_window(s.images[phases]) for s in stacks]
     z_mm = z.size * dz
     # panel widths in units of the row height, so every panel keeps its physical aspect
     sax_ratio = ((c1 - c0) * dc) / ((r1 - r0) * dr)
@@ -463,9 +466,9 @@ def save_long_axis_cuts(path: str | Path, stacks: Sequence[CutStack], *,
     for row, p in enumerate(phases):
         ax = fig.add_subplot(gs[row, 0])
         s_idx = int(np.clip(ref_slice, 0, sax_stack.images.shape[1] - 1))
-        _draw(ax, sax_stack.images[p, s_idx], None if sax_stack.labels is None
-              else sax_stack.labels[p, s_idx], vmin=sax_window[0], vmax=sax_window[1],
-              aspect=dr / dc, box=box, linewidth=linewidth)
+        draw_labels(ax, sax_stack.images[p, s_idx], None if sax_stack.labels is None
+                    else sax_stack.labels[p, s_idx], vmin=sax_window[0], vmax=sax_window[1],
+                    aspect=dr / dc, box=box, linewidth=linewidth)
         ax.axvline(c_cut - c0, color="white", linestyle="--", linewidth=0.8)
         ax.axhline(r_cut - r0, color="white", linestyle=":", linewidth=0.8)
         ax.set_ylabel(phase_names[row], fontsize=8)
@@ -477,9 +480,9 @@ def save_long_axis_cuts(path: str | Path, stacks: Sequence[CutStack], *,
                 img, lab = cut(stack, pick, p, axis)
                 ax = fig.add_subplot(gs[row, 1 + a * len(stacks) + i])
                 n = img.shape[1]
-                _draw(ax, img, lab, vmin=windows[i][0], vmax=windows[i][1],
-                      aspect=dz / (dr if axis == "vertical" else dc),
-                      box=(0, z.size, 0, n), linewidth=linewidth)
+                draw_labels(ax, img, lab, vmin=windows[i][0], vmax=windows[i][1],
+                            aspect=dz / (dr if axis == "vertical" else dc),
+                            box=(0, z.size, 0, n), linewidth=linewidth)
                 if row == 0:
                     ax.set_title(f"{axis} cut: {stack.name}", fontsize=7, pad=2)
     top = ("apex (the end with the smaller LV section) at the top" if apex_known

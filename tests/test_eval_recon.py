@@ -237,8 +237,18 @@ def test_drop_every_other(ph):
 
 # --------------------------------------------------------------------------- protocols
 def test_phantom_and_lax_protocols_with_the_tiny_bundle(ph, rec):
-    case = eval_recon.phantom_case(rec, ph, name="p0", steps=0, protocols=("phantom", "lax"))
+    pics: dict = {"phantom": {}, "lax": {}}
+    case = eval_recon.phantom_case(rec, ph, name="p0", steps=0, protocols=("phantom", "lax"),
+                                   pictures=pics)
     assert case["interp"] == 4
+    # the figures' arrays are the ones the metrics were computed on
+    for m, lab in pics["phantom"]["labels"].items():
+        assert pics["phantom"]["dice"][m]["LVC"] == pytest.approx(
+            _hand_dice(lab == 1, pics["phantom"]["truth"] == 1), abs=1e-12)
+    four = pics["lax"]["views"]["4ch"]
+    first_4ch = next(v for v in case["lax"] if v["view"] == "4ch" and v["phase"] == 0)
+    assert ev.structure_dice(four["labels"]["SDF (manual)"], four["ref"], mask=four["mask"]) \
+        == pytest.approx(first_4ch["dice"]["SDF (manual)"], nan_ok=True)
     idx = np.rint(ph.truth_slice_index).astype(int)
     for p, row in enumerate(case["phantom"]):
         m = row["methods"]
@@ -267,8 +277,16 @@ def test_phantom_and_lax_protocols_with_the_tiny_bundle(ph, rec):
     assert summary["lax"]["truth"]["LVC 4ch"]["n"] == 2
 
 
-def test_slice_drop_protocol_with_the_tiny_bundle(ph, rec):
-    case = eval_recon.slice_drop_case(rec, ph.study, name="p0", steps=0)
+def test_slice_drop_protocol_with_the_tiny_bundle(ph, rec, tmp_path):
+    pic: dict = {}
+    case = eval_recon.slice_drop_case(rec, ph.study, name="p0", steps=0, picture=pic)
+    # the figure's arrays are the ones the Dice was computed on
+    for m, lab in pic["labels"].items():
+        assert ev.structure_dice(lab, ph.study.labels[0, [1, 3]]) == pytest.approx(
+            case["phases"][0]["dice"][m], nan_ok=True)
+    assert pic["render"].shape == pic["render_labels"].shape == pic["linear"].shape
+    png = eval_recon.figure_slice_drop(pic, tmp_path / "sd.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
     assert case["removed"] == [1, 3] and case["position_offset_mm"] < 1e-6
     assert case["images"]["crop_misalignment_px"] < 1e-6
     for p, row in enumerate(case["phases"]):
@@ -321,12 +339,15 @@ def test_lax_on_a_real_layout_pair(ph, rec, tmp_path):
                       "SDF (manual)"}
 
 
-def test_main_writes_json_and_markdown(tiny_bundle, tmp_path):
+def test_main_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     opts = [f"--phantom-option={k}={json.dumps(v)}" for k, v in SMALL.items()]
     eval_recon.main(["--bundle", str(tiny_bundle), "--protocol", "phantom", "lax",
                      "--phantoms", "1", "--steps", "0", "--baselines", "nearest", "linear",
-                     "--out", str(out), "--md", str(md), *opts])
+                     "--out", str(out), "--md", str(md), "--figures", str(tmp_path / "fig"), *opts])
+    for protocol in ("phantom", "lax"):
+        png = tmp_path / "fig" / f"eval_recon_{protocol}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     r = json.loads(out.read_text())
     assert r["protocols"] == ["phantom", "lax"] and r["bundle_trained"] is False
     assert set(r["summary"]) == {"phantom", "lax"}
