@@ -163,8 +163,9 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
                 entry["rows"]["W+SegNet"] = {"metrics": _metrics(labels, ref, spacing),
                                              "code_from": name}
         per_patient.append(entry)
-        print(pid, {r: [round(v["metrics"][0][s]["dice"] or 0, 3) for s in STRUCTURES]
-                    for r, v in entry["rows"].items()}, flush=True)
+        print(pid, "first volume (ED):",
+              {r: [round(v["metrics"][0][s]["dice"] or 0, 3) for s in STRUCTURES]
+               for r, v in entry["rows"].items()}, flush=True)
     rec.close()
     pictures = {e["patient"]: e.pop("_pictures", {}) for e in per_patient}
     for entry in per_patient:

@@ -7,7 +7,8 @@ training batches, and a full evaluation, which needs the whole chain).
 
     python benchmarks/gan_inversion_psnr.py training/cpu64/gan/compact.safetensors --slices 64
 
-Takes a compact gan state (``compact.safetensors``) or a gan run's ``model.safetensors``.
+Takes a compact gan state (``compact.safetensors``) or a gan run's ``model.safetensors``;
+``--encoder RUN``: the E of a finished encoder run instead of the state's joint E.
 PSNR: images in [-1, 1] (peak-to-peak 2), mean squared error over the ROI pixels, mean
 over slices. With ``--direct RUN`` (a finished seg-direct run, trained on real slices)
 also the Dice of its U-Net, per structure pooled over the slices, on x, on G(E(x)) and
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from deeprecon.trainer.checkpoint import load_compact, load_model
+from deeprecon.trainer.checkpoint import MODEL_FILE, load_compact, load_model
 from deeprecon.trainer.config import get_preset
 from deeprecon.trainer.data import build_slices
 from deeprecon.trainer.lpips import load_lpips
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=latents.Config().lr,
                     help="Adam learning rate on w+ (default: the latents stage's)")
+    ap.add_argument("--encoder", type=Path,
+                    help="a finished encoder run: its E instead of the state's (joint) E")
     ap.add_argument("--direct", type=Path,
                     help="a finished seg-direct run: also its U-Net's Dice on x, G(E(x)) and G(w*)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gan_inversion_psnr.json")
@@ -68,6 +71,8 @@ def main() -> None:
     else:
         load_model(args.state, {"G": G, "E": E})
         step = None
+    if args.encoder is not None:
+        load_model(args.encoder / MODEL_FILE, {"E": E})
     G.eval().requires_grad_(False)
     E.eval().requires_grad_(False)
     direct = None
@@ -110,7 +115,8 @@ def main() -> None:
     print(json.dumps(out))
     result = {"benchmark": "gan_inversion_psnr", "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git": git_info(), "device": {"cpu": cpu_model(), "threads": args.threads},
-              "state": str(args.state), "preset": args.preset,
+              "state": str(args.state), "encoder": str(args.encoder) if args.encoder else None,
+              "preset": args.preset,
               "direct": str(args.direct) if args.direct else None, "result": out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

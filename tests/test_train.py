@@ -442,3 +442,16 @@ def test_joint_encoder_gan_resumes_exactly_warm_starts_and_feeds_the_encoder(pha
     for (k, p), q in zip(joint.state_dict().items(), staged.state_dict().values()):
         if k != "w_avg":
             assert torch.equal(p, q), k
+
+
+def test_encoder_affine_augmentation_changes_what_e_sees(runs, phantoms, tmp_path):
+    """encoder --set affine=true: the same seed and batches, but transformed slices, so
+    the first step's loss differs from the plain run's; the run records the setting."""
+    logs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        _train("encoder", out, phantoms, inputs={"gan": runs["gan"]}, steps=1,
+               sets={"affine": flag, "log_every": "1"})
+        logs[flag] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+        assert json.loads((out / "run.json").read_text())["config"]["affine"] is (flag == "true")
+    assert logs["true"]["loss"] != pytest.approx(logs["false"]["loss"], rel=1e-6)

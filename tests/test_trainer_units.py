@@ -308,6 +308,10 @@ def test_affine_intensity_moves_image_and_labels_together():
     torch.manual_seed(0)
     out2, lab2 = affine_intensity(images, labels)
     assert torch.equal(out, out2) and torch.equal(lab, lab2)
+    # without labels (the encoder stage): the same images from the same RNG state
+    torch.manual_seed(0)
+    out3, none = affine_intensity(images, None)
+    assert none is None and torch.equal(out, out3)
 
 
 @pytest.mark.parametrize("native", [True, False])

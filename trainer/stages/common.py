@@ -93,15 +93,16 @@ def cosine_lr(step: int, steps: int, lr: float, lr_min: float) -> float:
     return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def affine_intensity(images: torch.Tensor, labels: torch.Tensor, *, rotate_deg: float = 15.0,
+def affine_intensity(images: torch.Tensor, labels: torch.Tensor | None, *, rotate_deg: float = 15.0,
                      scale: float = 0.1, shift: float = 0.06, gamma: float = 0.3,
                      contrast: float = 0.15):
     """Per-image random affine (rotation within +-rotate_deg, isotropic scale within
     1 +- scale, translation within +-shift of the field of view) applied to images
     [B, 1, H, W] (bilinear) and labels [B, H, W] (nearest), both with zero/background
-    padding; then a random gamma (exp(+-gamma)) on images mapped to [0, 1] and a
-    contrast change (1 +- contrast) around each image's mean. torch's global RNG; a
-    fixed count of random numbers per batch (exact resume)."""
+    padding (labels None: images only, None returned for them); then a random gamma
+    (exp(+-gamma)) on images mapped to [0, 1] and a contrast change (1 +- contrast)
+    around each image's mean. torch's global RNG; a fixed count of random numbers per
+    batch (exact resume)."""
     b = images.shape[0]
     r = torch.rand(b, 5, device=images.device) * 2 - 1  # [B, 5] in [-1, 1)
     theta = r[:, 0] * math.radians(rotate_deg)
@@ -113,8 +114,9 @@ def affine_intensity(images: torch.Tensor, labels: torch.Tensor, *, rotate_deg: 
     bg = -1.0  # the intensity of empty space in the model's [-1, 1] range
     out = F.grid_sample(images - bg, grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False) + bg
-    lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                        align_corners=False)[:, 0].to(labels.dtype)
+    lab = None if labels is None else F.grid_sample(
+        labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+        align_corners=False)[:, 0].to(labels.dtype)
     g = torch.exp(r[:, 4] * gamma)[:, None, None, None]
     out = ((out.clamp(-1, 1) + 1) / 2) ** g * 2 - 1
     c = 1 + (torch.rand(b, device=images.device) * 2 - 1)[:, None, None, None] * contrast

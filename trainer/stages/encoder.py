@@ -8,6 +8,12 @@ average latent, which is copied into E at the start.
 When the gan run trained an encoder jointly (its model file holds ``E``; the
 ``cpu64`` preset does), E starts from that one (``from_gan``) and this stage adapts it
 to the frozen G_ema; otherwise E starts from its random initialisation.
+
+``affine``: each real slice gets a random affine and intensity change
+(:func:`.common.affine_intensity`; no flips, which would put the RV where G never draws
+it) before E and the loss, so that E sees more than the same 1,172 slices again and
+again (the cpu64w encoder reached 19.5 dB on training batches but 16.1 dB on
+validation slices).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from ..distributed import all_reduce_grads, barrier, broadcast_module
 from ..losses import psnr, reconstruction_loss
 from ..networks import Encoder, Generator
 from ..run import RunContext, load_networks, upstream
-from .common import seed_all
+from .common import affine_intensity, seed_all
 
 log = logging.getLogger("deeprecon.trainer.encoder")
 
@@ -42,6 +48,7 @@ class Config:
     lambda_lpips: float = 0.8
     lambda_reg: float = 0.01
     from_gan: bool = True
+    affine: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -86,6 +93,8 @@ def run(ctx: RunContext, cfg: Config) -> dict:
     last = {}
     while step < cfg.steps:
         x = reals[sampler.next_batch()].to(device)  # [b, 1, R, R]
+        if cfg.affine:
+            x, _ = affine_intensity(x, None)
         ws = E(x)  # [b, L, C]
         y = G(ws)
         loss, parts = reconstruction_loss(x, y, ws, G.w_avg, lpips, lambda_l2=cfg.lambda_l2,
