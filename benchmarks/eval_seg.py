@@ -112,9 +112,7 @@ def evaluate(data: Path, patients: list[str], *, bundle: Path, steps: list[int],
             return labels
         return keep_largest_component(labels, study.geometry.pixel_spacing)[0]
 
-    rec = Reconstructor(bundle, backend=backend, device="cpu")
-    if rec.backend.name == "onnxruntime":
-        rec.backend.threads = threads  # its sessions open on first use, with these threads
+    rec = Reconstructor(bundle, backend=backend, device="cpu", threads=threads)
     model = ModelConfig.from_dict(rec.bundle.manifest["model"]["config"])
     dnet = wnet = None
     if direct is not None:

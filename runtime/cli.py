@@ -243,10 +243,11 @@ class _Progress:
             log.info("%s: %d/%d (%.0f s%s)", stage, done, total, elapsed, eta)
 
 
-def _open_reconstructor(bundle: Optional[Path], backend: str, device: str):
+def _open_reconstructor(bundle: Optional[Path], backend: str, device: str,
+                        threads: Optional[int] = None):
     from deeprecon.runtime.pipeline import Reconstructor
 
-    return Reconstructor(bundle, backend=backend, device=device)
+    return Reconstructor(bundle, backend=backend, device=device, threads=threads)
 
 
 def _print_summary(result, out: Path, as_json: bool) -> None:
@@ -287,6 +288,8 @@ def _shipped_default() -> str:
 _BUNDLE_HELP = f"Model bundle folder (default: $DEEPRECON_BUNDLE when set, else {_shipped_default()})."
 _DEVICE_HELP = ("auto, cpu, cuda or cuda:N. auto: CUDA when the backend sees a CUDA device, "
                 "else the CPU; a device that cannot be used is an error (never a fallback).")
+_THREADS_HELP = ("CPU threads the model may use (default: one per core). On a machine "
+                 "shared with other work, fewer threads than cores avoid waiting on each other.")
 _ISLANDS_HELP = ("Keep every part of each structure's segmentation. By default each "
                  "structure keeps its largest 3D part (parts up to 10 mm apart count as "
                  "one); the run report says how much was removed.")
@@ -302,6 +305,7 @@ def reconstruct(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: slice gap / the model's pixel spacing, at least 2 when the gap is larger than that spacing; the log says the choice)."),
@@ -324,7 +328,7 @@ def reconstruct(
     t0 = time.perf_counter()
     loaded = _load_input(study, inputs, series, phase_names)
     t_load = time.perf_counter() - t0
-    with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
+    with _open_reconstructor(bundle, backend, device, threads) as rec, _Progress() as progress:
         result = rec.reconstruct(loaded, steps=0 if fast else steps, interp=interp,
                                  phases=phases, progress=progress, batch=batch,
                                  early_stop_patience=patience,
@@ -342,6 +346,7 @@ def cohort_cmd(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N (default: from each study's slice gap)."),
@@ -352,7 +357,7 @@ def cohort_cmd(
     part_id: int = typer.Option(0, "--part-id", min=0, help="Which part this process runs (0 .. num-parts - 1)."),
     engine: str = typer.Option("local", "--engine", help="local (one study after the other here) or ray (Ray Data actors, each loading the bundle once)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address for --engine ray (e.g. ray://head:10001 or auto; default: start a local Ray)."),
-    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="Actors (bundle copies) for --engine ray, one CPU each."),
+    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="Actors (bundle copies) for --engine ray, one CPU each (and one thread each unless --threads)."),
 ):
     """Reconstruct every study of a folder with the model loaded once: one output folder
     per study, finished studies skipped, a failing study recorded and the run going on,
@@ -366,7 +371,8 @@ def cohort_cmd(
     part_of([], num_parts, part_id)  # the part arguments, before the bundle is opened
     worker = WorkerSpec(bundle, backend, device, {"steps": 0 if fast else steps, "interp": interp,
                                                   "phases": phases, "batch": batch,
-                                                  "largest_component": not keep_islands})
+                                                  "largest_component": not keep_islands},
+                        threads=threads)
 
     def on_study(done: int, total: int, outcome) -> None:
         if _verbosity["level"] <= logging.INFO:
@@ -406,6 +412,7 @@ def serve_cmd(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0): the encoder's codes only."),
     phases: Optional[str] = typer.Option(None, "--phases", help="ed,es | all | phase indices, for every study (default: ED and ES when known, else all)."),
@@ -432,7 +439,7 @@ def serve_cmd(
         max_associations=max_associations,
         tls=TLSFiles(tls_cert, tls_key, tls_ca) if all(given) else None, send_tls=send_tls,
         steps=0 if fast else steps, phases=phases, batch=batch, patience=patience)
-    with _open_reconstructor(bundle, backend, device) as rec:
+    with _open_reconstructor(bundle, backend, device, threads) as rec:
         DicomNode(config, rec).serve_forever()
 
 
@@ -444,6 +451,7 @@ def adapt_motion_cmd(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help=_BUNDLE_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=_THREADS_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="Inversion steps K (default: the bundle's)."),
     fast: bool = typer.Option(False, "--fast", help="No inversion (K = 0)."),
     interp: Optional[int] = typer.Option(None, "--interp", min=1, max=32, help="High-resolution slices per native gap N."),
@@ -461,7 +469,7 @@ def adapt_motion_cmd(
     check_output_dir(out)
     source = check_acquisition(load_study(source))
     target = check_acquisition(load_study(target))
-    with _open_reconstructor(bundle, backend, device) as rec, _Progress() as progress:
+    with _open_reconstructor(bundle, backend, device, threads) as rec, _Progress() as progress:
         result = adapt_motion(rec, source, target, steps=0 if fast else steps, interp=interp,
                               source_phases=source_phases, target_phases=target_phases,
                               progress=progress)

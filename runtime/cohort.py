@@ -36,7 +36,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -181,10 +181,10 @@ class CohortWorker:
     """
 
     def __init__(self, bundle: str | Path | None, backend: str = "auto", device: str = "auto",
-                 **options: Any):
+                 threads: int | None = None, **options: Any):
         from .pipeline import Reconstructor
 
-        self.rec = Reconstructor(bundle, backend=backend, device=device)
+        self.rec = Reconstructor(bundle, backend=backend, device=device, threads=threads)
         self.options = options
 
     def close(self) -> None:
@@ -233,15 +233,17 @@ class CohortWorker:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a :class:`CohortWorker` is built from: picklable, so that each Ray actor
-    builds its own (``options``: ``Reconstructor.reconstruct`` keywords)."""
+    builds its own (``options``: ``Reconstructor.reconstruct`` keywords; ``threads``: each
+    worker's CPU threads, None: the backend's default)."""
 
     bundle: str | Path | None
     backend: str = "auto"
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
 
     def build(self) -> CohortWorker:
-        return CohortWorker(self.bundle, self.backend, self.device, **self.options)
+        return CohortWorker(self.bundle, self.backend, self.device, self.threads, **self.options)
 
     def check(self) -> None:
         """Verify the bundle here (every file's SHA-256), before any worker starts: a
@@ -306,6 +308,8 @@ def run_cohort(input_dir: str | Path, out_dir: str | Path, *, worker: WorkerSpec
                 w.close()
     elif todo:
         worker.check()
+        if worker.threads is None:  # each actor holds one CPU (num_cpus=1): one thread each
+            worker = replace(worker, threads=1)
         for o, row in zip(todo, _run_on_ray(todo, worker, ray_address, ray_actors)):
             finish(o, str(row["status"]), int(row["exit_code"]), str(row["message"]),
                    float(row["seconds"]))

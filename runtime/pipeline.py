@@ -248,12 +248,12 @@ class Reconstructor:
     """
 
     def __init__(self, bundle: Bundle | str | Path | None = None, *, backend: str = "auto",
-                 device: str = "auto"):
+                 device: str = "auto", threads: int | None = None):
         t0 = time.perf_counter()
         if bundle is None:
             bundle = default_bundle_path()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.backend = open_backend(self.bundle, backend, device)
+        self.backend = open_backend(self.bundle, backend, device, threads=threads)
         self.open_seconds = time.perf_counter() - t0
         log.info("bundle %s (%s, %s) on %s/%s, opened in %.1f s", self.bundle.name,
                  self.bundle.preset, self.bundle.sha256[:12], self.backend.name,

@@ -35,7 +35,7 @@ def _leftovers(parent: Path, keep: set[str]) -> list[str]:
 def test_reconstruct_acdc_writes_every_output(tiny_bundle, acdc_patient001, tmp_path, capsys):
     out = tmp_path / "out"
     rc = run(["reconstruct", str(acdc_patient001), "-o", str(out), "--bundle", str(tiny_bundle),
-              "--steps", "2", "--interp", "2", "--json"])
+              "--steps", "2", "--interp", "2", "--json", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     man = _outputs_manifest(out)
@@ -60,6 +60,7 @@ def test_reconstruct_acdc_writes_every_output(tiny_bundle, acdc_patient001, tmp_
     np.testing.assert_allclose(hri.GetDirection(), ref.GetDirection(), atol=1e-5)
     report = json.loads((out / "run_report.json").read_text())
     assert report["bundle"]["sha256"] and report["timings_s"]["invert"] >= 0
+    assert report["options"]["backend_info"]["threads"] == 1          # --threads, recorded
     assert summary["measures"]["native"]["LVEDV (mL)"] >= 0
     islands = report["options"]["largest_component"]   # on by default, recorded
     assert islands["bridge_mm"] == 10.0 and len(islands["removed_native"]) == 2
@@ -201,6 +202,8 @@ def test_bad_options_bundles_and_devices(tiny_bundle, acdc_patient001, tmp_path,
                 "--backend", "nope"]) == ExitCode.USAGE
     assert run(["reconstruct", *args, "--bundle", str(tiny_bundle),
                 "--phases", "ed,99"]) == ExitCode.USAGE
+    assert run(["reconstruct", *args, "--bundle", str(tiny_bundle),
+                "--threads", "0"]) == ExitCode.USAGE
     import torch
     if not torch.cuda.is_available():
         assert run(["reconstruct", *args, "--bundle", str(tiny_bundle),

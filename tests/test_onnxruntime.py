@@ -221,6 +221,13 @@ def test_backend_and_device_selection(tiny_bundle, tmp_path):
         open_backend(b, "tvm", "cpu")
     with pytest.raises(UsageError, match="TensorRT cannot be installed"):
         open_backend(b, "tensorrt", "cpu")
+    # threads: every onnxruntime session gets them (not only those opened later)
+    r = open_backend(b, "onnxruntime", "cpu", threads=1)
+    assert r.info()["threads"] == 1
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in r._sessions.values())
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(UsageError, match="threads must be"):
+            open_backend(b, "onnxruntime", "cpu", threads=bad)
     # a torch-only bundle: auto takes torch; onnxruntime names what the bundle lacks
     from deeprecon.export.bundle import random_bundle
     torch_only = load_bundle(random_bundle(tmp_path / "t", preset="tiny", onnx=False))

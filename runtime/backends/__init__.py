@@ -51,10 +51,16 @@ def auto_device(backend: str) -> str:
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
-def open_backend(bundle: Bundle, name: str = "auto", device: str = "auto") -> Runner:
+def open_backend(bundle: Bundle, name: str = "auto", device: str = "auto", *,
+                 threads: int | None = None) -> Runner:
     """Open runner ``name`` (``auto``, ``onnxruntime``, ``torch``) on ``bundle`` and
     ``device`` ("auto", "cpu", "cuda", "cuda:N"); the auto choices are logged (and the
-    run report records the runner and device that ran)."""
+    run report records the runner and device that ran). ``threads``: the CPU threads the
+    runner may use (None: the library's default, one per core); onnxruntime sets it per
+    session, torch for the whole process (``torch.set_num_threads``)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise UsageError(f"threads must be a whole number >= 1 (got {threads!r})")
     if name == "auto":
         name = auto_backend(bundle)
         log.info("backend auto: %s", name)
@@ -63,10 +69,10 @@ def open_backend(bundle: Bundle, name: str = "auto", device: str = "auto") -> Ru
         log.info("device auto: %s", device)
     if name == "torch":
         from .torch_backend import TorchRunner
-        return TorchRunner(bundle, device)
+        return TorchRunner(bundle, device, threads=threads)
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeRunner
-        return OnnxRuntimeRunner(bundle, device)
+        return OnnxRuntimeRunner(bundle, device, threads=threads)
     if name in PLANNED:
         raise UsageError(f"the {name} backend is not part of this version (TensorRT cannot be "
                          f"installed where it is built and tested)",

@@ -117,10 +117,12 @@ class TorchRunner(Runner):
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu"):
+    def __init__(self, bundle: Bundle, device: str = "cpu", *, threads: int | None = None):
         super().__init__(bundle)
         torch = _import_torch()
         self.torch = torch
+        if threads is not None:  # torch has one intra-op pool per process
+            torch.set_num_threads(int(threads))
         self._device = resolve_torch_device(device)
         self.device = str(self._device)
         from deeprecon.cpp_ext import kernels_available, load_library
