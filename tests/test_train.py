@@ -244,6 +244,18 @@ def test_seg_warm_starts_from_a_unet_and_trains_on_real_slices_too(runs, phantom
     with pytest.raises(UsageError, match="--warm-start is for the gan, seg, seg-direct"):
         _train("encoder", tmp_path / "bad3", phantoms, inputs={"gan": runs["gan"]}, steps=1,
                warm_start=source)
+    # a U-Net of another size: refused with both sizes named, before any training
+    from dataclasses import replace
+
+    from deeprecon.trainer.checkpoint import save_model
+    from deeprecon.trainer.networks import UNet
+    tiny = get_preset("tiny")
+    other = replace(tiny, name="wider", unet=replace(tiny.unet, base_channels=2 * tiny.unet.base_channels))
+    save_model(tmp_path / "wider.safetensors", {"Seg": UNet(other.unet)}, config=other.to_dict())
+    with pytest.raises(UsageError, match=r"its U-Net \(preset wider: .*base_channels "
+                                         rf"{2 * tiny.unet.base_channels}.*\) is not this run's"):
+        _train("seg", tmp_path / "bad4", inputs={"latents": runs["latents"]}, steps=1,
+               warm_start=tmp_path / "wider.safetensors")
 
 
 def test_resume_refuses_other_settings(phantoms, runs, tmp_path):

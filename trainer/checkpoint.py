@@ -331,16 +331,28 @@ def _load_modules(path: Path, tensors: Mapping[str, torch.Tensor],
         module.load_state_dict(sd, strict=True)
 
 
-def model_modules(path: str | Path) -> set[str]:
-    """The names of the networks in a :func:`save_model` file."""
+def _model_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"model file {path} is unreadable: {e}") from None
-    return set(filter(None, meta.get("modules", "").split(",")))
+
+
+def model_modules(path: str | Path) -> set[str]:
+    """The names of the networks in a :func:`save_model` file."""
+    return set(filter(None, _model_metadata(path).get("modules", "").split(",")))
+
+
+def model_file_config(path: str | Path) -> dict[str, Any]:
+    """The model config stored in a :func:`save_model` file ({} when it has none), read
+    without loading its tensors."""
+    try:
+        return json.loads(_model_metadata(path).get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"model file {path}: its config is not JSON ({e})") from None
 
 
 # What a run folder holds before its first checkpoint (such a folder may be reused).

@@ -29,8 +29,9 @@ import torch
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
 
-from ..checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint, load_model,
-                          model_modules, save_checkpoint, save_model)
+from ..checkpoint import (MODEL_FILE, latest_checkpoint, load_checkpoint,
+                          load_model, model_file_config, model_modules, save_checkpoint,
+                          save_model)
 from ..config import CPU_PRESETS, N_CLASSES
 from ..data import BatchSampler, build_slices
 from ..distributed import (all_reduce_grads, barrier, broadcast_module, decorrelate_rng,
@@ -162,6 +163,11 @@ def _acdc_validation(ctx: RunContext, data_dir: Path | None):
     return validate
 
 
+def _unet_text(u: dict) -> str:
+    return ", ".join(f"{k} {u[k]}" for k in ("resolution", "base_channels", "max_channels", "depth")
+                     if k in u)
+
+
 def run(ctx: RunContext, cfg: Config) -> dict:
     if cfg.with_real and ctx.stage == "seg-direct":
         raise UsageError("with_real is for the seg stage (seg-direct trains on real slices only)")
@@ -171,6 +177,13 @@ def run(ctx: RunContext, cfg: Config) -> dict:
         if "Seg" not in model_modules(ctx.warm_start):
             raise UsageError(f"--warm-start {ctx.warm_start}: not a seg or seg-direct model "
                              f"file (it holds no U-Net 'Seg')")
+        theirs = model_file_config(ctx.warm_start)
+        ours = ctx.model.to_dict()
+        if theirs.get("unet") is not None and theirs["unet"] != ours["unet"]:
+            raise UsageError(
+                f"--warm-start {ctx.warm_start}: its U-Net (preset {theirs.get('name', '?')}: "
+                f"{_unet_text(theirs['unet'])}) is not this run's (preset {ours['name']}: "
+                f"{_unet_text(ours['unet'])})", hint="warm-start from a run of the same preset")
         load_model(ctx.warm_start, {"Seg": net})
         log.info("%s: U-Net starts from %s", ctx.stage, ctx.warm_start)
     if ctx.stage == "seg-direct":
