@@ -533,6 +533,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, encoder_run: str | Pa
     clash = {"runs", "command", "training"} & set(description or {})
     if clash:
         raise UsageError(f"the description may not set {sorted(clash)}: export writes them")
+    validation = (description or {}).get("validation")
+    described_k = validation.get("steps") if isinstance(validation, Mapping) else None
+    if described_k is not None and described_k != inversion_settings(inversion)["steps"]:
+        raise UsageError(f"the description's validation figures are of K = {described_k} "
+                         f"inversion steps, but this bundle would run K = "
+                         f"{inversion_settings(inversion)['steps']} by default",
+                         hint=f"export with --set steps={described_k}, or describe the row "
+                              "of the bundle's K")
     seg_dir = _run_folder(run_dir, "run folder")
     info = read_run(seg_dir)
     stage = info.get("stage")

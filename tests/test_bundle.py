@@ -547,6 +547,13 @@ def test_export_command_writes_a_bundle_of_the_chain(chain, tiny_bundle, tmp_pat
     describe.write_text(json.dumps({"runs": {}}))
     assert cli_run(["export", str(chain["seg"]), "-o", str(tmp_path / "b2"),
                     "--describe", str(describe)]) == ExitCode.USAGE
+    # validation figures of another K than the bundle's default: refused before any work
+    describe.write_text(json.dumps({"validation": {"steps": 100, "dice": {"LVC": 0.9}}}))
+    capsys.readouterr()
+    assert cli_run(["export", str(chain["seg"]), "-o", str(tmp_path / "b2"), "--set", "steps=20",
+                    "--describe", str(describe)]) == ExitCode.USAGE
+    assert "of K = 100 inversion steps, but this bundle would run K = 20" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
     describe.write_text("[1, 2]")
     assert cli_run(["export", str(chain["seg"]), "-o", str(tmp_path / "b2"),
                     "--describe", str(describe)]) == ExitCode.USAGE
