@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from deeprecon.runtime.bundle import (BATCH, BUNDLE_FORMAT, MANIFEST, SCHEMA_VERSION,
                                       check_program_archive, graph_specs, load_bundle)
 from deeprecon.runtime.errors import BundleError, NoInputError, UnavailableError, UsageError
 from deeprecon.runtime.inversion import InversionSettings, hybrid_loss_and_grad
-from deeprecon.runtime.publish import sha256_file, staged_folder
+from deeprecon.runtime.publish import canonical_safetensors, sha256_file, staged_folder
 from deeprecon.runtime.study import LABEL_NAMES_LONG
 from deeprecon.trainer.config import ModelConfig
 
@@ -365,8 +365,8 @@ def build_bundle(out: str | Path, *, model: ModelConfig, encoder: torch.nn.Modul
         (tmp / "programs").mkdir()
         states = {n: _state(n, nets[n]) for n in NETWORKS}
         for n in NETWORKS:  # every weight once: the artifacts read these files
-            save_file(states[n], str(tmp / weight_file(n)),
-                      metadata={"format": BUNDLE_FORMAT, "network": n})
+            (tmp / weight_file(n)).write_bytes(canonical_safetensors(
+                save(states[n], metadata={"format": BUNDLE_FORMAT, "network": n})))
         entries = {}
         for g in graphs:
             net_names, kinds = GRAPHS[g]

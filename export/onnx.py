@@ -3,7 +3,10 @@
 Runtime-independent helpers: the network tests use them now, and the bundle exporter
 uses them to write the ``torch.export`` programs and ONNX graphs of a model bundle.
 Export goes through ``torch.export`` (``torch.onnx.export(..., dynamo=True)``), with
-the batch dimension dynamic by default. :func:`verify_onnx` runs the written graph in
+the batch dimension dynamic by default. The exporter's per-node provenance (the Python
+stack trace, with this checkout's absolute paths and line numbers, and the FX node) is
+removed from the written graph: it is not read by any runtime, and without it the same
+network gives the same bytes from any checkout. :func:`verify_onnx` runs the written graph in
 onnxruntime on the CPU and compares it with the PyTorch module on the same inputs,
 stating the maximum absolute and relative error and refusing one above tolerance.
 
@@ -115,6 +118,7 @@ def export_onnx(model: "torch.nn.Module | torch.export.ExportedProgram", example
                                 opset_version=opset, dynamic_shapes=dyn,
                                 external_data=external_data, optimize=optimize)
     program.save(str(path), external_data=external_data)
+    strip_node_metadata(path)
     log.info("ONNX export of %s -> %s in %.2f s", _name(model), path,
              time.perf_counter() - t0)
     return path
@@ -210,6 +214,24 @@ def verify_onnx(path: str | Path, model: "torch.nn.Module", inputs: tuple, *,
     return report
 
 
+def strip_node_metadata(onnx_path: str | Path) -> int:
+    """Remove every node's ``metadata_props`` (torch.onnx's stack traces, FX nodes, class
+    hierarchies and name scopes) from the graph at ``onnx_path``, in the main graph and in
+    local functions, rewriting the file in place (external data left where it is).
+    Returns the number of entries removed."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    removed = 0
+    for nodes in [model.graph.node] + [f.node for f in model.functions]:
+        for node in nodes:
+            removed += len(node.metadata_props)
+            del node.metadata_props[:]
+    if removed:
+        onnx.save(model, str(onnx_path))
+    return removed
+
+
 def link_external_weights(onnx_path: str | Path, weight_files: Sequence[str | Path]
                           ) -> dict[str, int]:
     """Store each weight once: every initializer of the ONNX graph at ``onnx_path`` whose
@@ -270,5 +292,5 @@ def link_external_weights(onnx_path: str | Path, weight_files: Sequence[str | Pa
     return stats
 
 
-__all__ = ["ExportVerificationError", "link_external_weights", "export_program", "export_onnx", "verify_onnx",
+__all__ = ["ExportVerificationError", "link_external_weights", "strip_node_metadata", "export_program", "export_onnx", "verify_onnx",
            "BATCH_DIM_NAME", "MAX_BATCH"]

@@ -17,6 +17,11 @@ Signals follow :mod:`deeprecon.runtime.signals`: while a staged folder is open, 
 SIGHUP unwind the stack (the staging folder is removed), and the renames run with the
 signals deferred.
 
+Files that land in a manifest or in git must also be the same bytes when written again
+from the same content: :func:`canonical_safetensors` puts a safetensors header's
+metadata in sorted order (the library writes it in hash order, which changes from run to
+run).
+
 Used by the output folder (:mod:`deeprecon.runtime.outputs`), the exporter's bundles and
 the trainer's checkpoints. Imports nothing but the standard library.
 """
@@ -29,6 +34,7 @@ import logging
 import os
 import secrets
 import shutil
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -103,6 +109,29 @@ def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = True) ->
 
 
 # ----------------------------------------------------------------------------- folders
+def canonical_safetensors(raw: bytes) -> bytes:
+    """The bytes of a safetensors file with its header's ``__metadata__`` entries in sorted
+    key order, the rest unchanged. The safetensors library writes that map in hash order,
+    which differs between processes, so two saves of the same tensors and metadata gave
+    files with different SHA-256 (a re-exported bundle changed every weight file). The
+    header keeps its length (its padding is spaces, as the format allows), so the tensor
+    offsets stay valid. Raises ValueError for bytes that are not a safetensors file."""
+    if len(raw) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise ValueError(f"not a safetensors file: a {n}-byte header in {len(raw)} bytes")
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not meta:
+        return raw
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # only the order changed, so the JSON cannot have grown
+        raise ValueError(f"safetensors header re-encoded to {len(text)} bytes, over its {n}")
+    return raw[:8] + text.ljust(n, b" ") + raw[8 + n:]
+
+
 def new_sibling(out: str | Path, infix: str) -> Path:
     """Create the empty folder ``.{out.name}{infix}{pid}-{random}`` beside ``out`` (mode
     0o777 minus the umask: the published folder gets the usual permissions, unlike
@@ -221,5 +250,5 @@ def staged_folder(out: str | Path, *, check: Callable[[Path], None] | None = Non
             raise
 
 
-__all__ = ["sha256_file", "fsync_dir", "write_file_atomic", "write_json_atomic", "new_sibling",
+__all__ = ["canonical_safetensors", "sha256_file", "fsync_dir", "write_file_atomic", "write_json_atomic", "new_sibling",
            "remove_stale_siblings", "publish_folder", "staged_folder", "PARTIAL", "TRASH"]

@@ -167,6 +167,31 @@ def test_build_bundle_writes_every_file_and_the_manifest(tiny_bundle):
     assert m["provenance"] == {"runs": {}, "command": "tests/bundles.py make_tiny_bundle"}
 
 
+def test_the_same_networks_give_the_same_bytes(tiny_bundle, tmp_path):
+    """Export is reproducible: a second export of the same networks writes every file
+    byte for byte again (the safetensors metadata in sorted order, no per-node stack
+    traces in the graphs), so a re-exported bundle changes only what changed."""
+    from bundles import make_tiny_bundle
+
+    again = make_tiny_bundle(tmp_path / "again")
+    for rel in FILES:
+        assert (again / rel).read_bytes() == (tiny_bundle / rel).read_bytes(), rel
+    assert (json.loads((again / MANIFEST).read_text())["files"]
+            == json.loads((tiny_bundle / MANIFEST).read_text())["files"])
+
+
+def test_graphs_carry_no_source_locations(tiny_bundle):
+    import onnx
+
+    for rel in FILES:
+        if rel.endswith(".onnx"):
+            model = onnx.load(str(tiny_bundle / rel), load_external_data=False)
+            assert model.graph.node and not any(n.metadata_props for n in model.graph.node), rel
+            raw = (tiny_bundle / rel).read_bytes()
+            assert b"stack_trace" not in raw, rel
+            assert str(Path(__file__).resolve().parents[1]).encode() not in raw, rel
+
+
 def test_weights_are_float32_state_dicts(tiny_bundle, nets):
     for g in GRAPHS:
         w = load_file(str(tiny_bundle / f"weights/{g}.safetensors"))

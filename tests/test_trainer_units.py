@@ -197,6 +197,40 @@ def test_model_file_is_float16_except_exact_buffers(tmp_path):
         load_model(tmp_path / "junk.safetensors", {"G": net})
 
 
+def test_weight_files_are_the_same_bytes_when_written_again(tmp_path):
+    """safetensors writes its metadata map in hash order, which changes between saves;
+    the project's files sort it, so the same weights give the same SHA-256 (a committed
+    compact state or a bundle changes only where the weights did)."""
+    import struct
+
+    from safetensors.torch import load_file, save
+
+    from deeprecon.runtime.publish import canonical_safetensors
+
+    net = torch.nn.Linear(4, 4)
+    meta = {f"k{i}": str(i) for i in range(8)}  # eight keys: one order in 40,320
+    raw = [save_model(tmp_path / f"m{i}.safetensors", {"G": net}, config=meta).read_bytes()
+           for i in range(3)]
+    assert raw[0] == raw[1] == raw[2]
+    (n,) = struct.unpack("<Q", raw[0][:8])
+    header = json.loads(raw[0][8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    # the library's own output, in whatever order, canonicalises to one file that loads
+    plain = save({"a": torch.arange(5.0)}, metadata=meta)
+    (m,) = struct.unpack("<Q", plain[:8])
+    shuffled = dict(reversed(list(json.loads(plain[8:8 + m])["__metadata__"].items())))
+    head = json.loads(plain[8:8 + m])
+    head["__metadata__"] = shuffled
+    text = json.dumps(head, separators=(",", ":")).encode().ljust(m, b" ")
+    reordered = plain[:8] + text + plain[8 + m:]
+    assert canonical_safetensors(reordered) == canonical_safetensors(plain)
+    (tmp_path / "c.safetensors").write_bytes(canonical_safetensors(reordered))
+    assert torch.equal(load_file(str(tmp_path / "c.safetensors"))["a"], torch.arange(5.0))
+    for junk in (b"", b"\xff" * 8 + b"{}"):
+        with pytest.raises(ValueError, match="not a safetensors file"):
+            canonical_safetensors(junk)
+
+
 def test_compact_state_round_trip_and_refusals(tmp_path):
     from deeprecon.trainer.checkpoint import load_compact, model_modules, save_compact
 

@@ -34,10 +34,11 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from deeprecon.runtime.errors import InvalidStudyError, UsageError
-from deeprecon.runtime.publish import staged_folder, write_file_atomic, write_json_atomic
+from deeprecon.runtime.publish import (canonical_safetensors, staged_folder, write_file_atomic,
+                                      write_json_atomic)
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
@@ -52,10 +53,12 @@ class CheckpointError(InvalidStudyError):
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, *,
                             metadata: Mapping[str, str] | None = None) -> Path:
     """One safetensors file, published atomically (:func:`deeprecon.runtime.publish.
-    write_file_atomic`): a reader never sees half a file."""
+    write_file_atomic`): a reader never sees half a file. The same tensors and metadata
+    give the same bytes (:func:`~deeprecon.runtime.publish.canonical_safetensors`)."""
     cpu = {k: _contiguous_cpu(v) for k, v in tensors.items()}
     meta = dict(metadata) if metadata else None
-    return write_file_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
+    raw = canonical_safetensors(save(cpu, metadata=meta))
+    return write_file_atomic(path, lambda tmp: tmp.write_bytes(raw))
 
 
 def _contiguous_cpu(t: torch.Tensor) -> torch.Tensor:
