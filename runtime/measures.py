@@ -52,7 +52,7 @@ PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
 }
 #: the codes of :func:`plausibility_flags`
 FLAG_CODES = ("out_of_range", "esv_not_below_edv", "zero_rv_volume", "missing_on_mid_slice",
-              "non_finite")
+              "non_finite", "touches_crop_edge")
 
 
 def voxel_volume_ml(geometry: Geometry, *, slice_spacing: float | None = None) -> float:
@@ -228,8 +228,9 @@ def _short(measure: str) -> str:
 
 
 def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None = None,
-                       source: str = "native", frame_ids: Sequence[int] | None = None
-                       ) -> list[dict[str, Any]]:
+                       source: str = "native", frame_ids: Sequence[int] | None = None,
+                       model_labels: np.ndarray | None = None,
+                       field_of_view_mm: float | None = None) -> list[dict[str, Any]]:
     """Flags of implausible values in one measures dict (as :func:`clinical_measures`
     returns), e.g. the "native" or the "hr" entry of ``Result.measures``.
 
@@ -240,20 +241,26 @@ def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None
                third of the stack (:func:`mid_ventricular_slices`) at every phase;
     source:    the name of the measures ("native", "hr"), copied into each flag and its
                message;
-    frame_ids: the frame numbers of the P phases, for the messages.
+    frame_ids: the frame numbers of the P phases, for the messages;
+    model_labels, field_of_view_mm: optional [P, S, R, R] (or [S, R, R]) labels on the
+               model grid, the crop the model saw, and its width in mm: a structure on
+               the grid's outermost pixels reaches the crop's edge, so the heart may
+               extend beyond what the model saw and its volumes be underestimated (on
+               the 64 x 2.5 mm grid 8 of the 80 ACDC patients have labels outside the
+               160 mm crop, up to 0.85 %; benchmarks/results/acdc_preprocessing_cpu64w.json).
 
     Checks: :data:`PLAUSIBLE_RANGES` ("out_of_range"), ESV >= EDV for LV and RV
     ("esv_not_below_edv"), an RV cavity of zero volume at a phase ("zero_rv_volume"), a
     structure absent on a mid-ventricular slice at a phase ("missing_on_mid_slice"), a
-    NaN or infinite measure ("non_finite"; the ES-derived ones are expected to be NaN
+    structure on the crop's edge at a phase ("touches_crop_edge"), a NaN or infinite measure ("non_finite"; the ES-derived ones are expected to be NaN
     when there is no ES phase and are then not flagged).
 
     Returns a list of dicts with the same keys: "code" (one of :data:`FLAG_CODES`),
     "source", "measure" (a column name such as 'LVEF (%)', or a structure 'LVC', 'LVM',
-    'RVC'), "value" (float, or the number of slices for a missing structure; None when
-    not finite), "range" ([low, high] or None), "phase" (index into the P phases, or
-    None), "frame" (its frame number, or None), "slices" (the slice indices of a missing
-    structure, else None) and "message" (one line for a person). Empty when all is
+    'RVC'), "value" (float, or the number of slices for a missing structure or one on
+    the edge; None when not finite), "range" ([low, high] or None), "phase" (index into
+    the P phases, or None), "frame" (its frame number, or None), "slices" (the slice
+    indices of a missing structure or one on the edge, else None) and "message" (one line for a person). Empty when all is
     plausible. JSON-safe: no NaN anywhere.
     """
     flags: list[dict[str, Any]] = []
@@ -330,5 +337,26 @@ def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None
                             f"{'s' if len(missing) > 1 else ''} "
                             f"{', '.join(map(str, missing))} (of {mid.start}-{mid.stop - 1}) "
                             f"at {at(p)}", phase=p, slices=[int(i) for i in missing])
+    if model_labels is not None:
+        ml = np.asarray(model_labels)
+        if ml.ndim == 3:
+            ml = ml[None]
+        if ml.ndim != 4 or min(ml.shape[-2:]) < 3:
+            raise ValueError(f"model_labels must be [P, S, R, R] or [S, R, R], got {ml.shape}")
+        if field_of_view_mm is None:
+            raise ValueError("model_labels need the crop's field_of_view_mm")
+        ring = np.ones(ml.shape[-2:], dtype=bool)
+        ring[1:-1, 1:-1] = False
+        for name, k in _STRUCTURES.items():
+            on_edge = ((ml == k) & ring).any(axis=(2, 3))           # [P, S]
+            for p in range(ml.shape[0]):
+                edge = [int(i) for i in np.flatnonzero(on_edge[p])]
+                if edge:
+                    add("touches_crop_edge", name, len(edge), None,
+                        f"{_STRUCTURE_NAMES[name]} reaches the edge of the "
+                        f"{float(field_of_view_mm):g} mm crop the model sees on slice"
+                        f"{'s' if len(edge) > 1 else ''} {', '.join(map(str, edge))} at "
+                        f"{at(p)}: the heart may extend beyond it and its volumes be "
+                        "underestimated", phase=p, slices=edge)
     return flags
 

@@ -126,7 +126,8 @@ def adapt_reconstructions(reconstructor: Reconstructor, src: Result, tgt: Result
     hr_geo = hr_geometry(transform.model_geometry(study.geometry), src.interp)
     t3 = time.perf_counter()
     measures = rec._measures(study, labels, hr_labels, hr_geo, src.interp)
-    flags = rec._plausibility(measures, labels, hr_labels, study.phase_ids)
+    flags = rec._plausibility(measures, labels, hr_labels, study.phase_ids, model_labels,
+                              rec.bundle.preprocess.field_of_view_mm)
     for f in flags:
         f["message"] = "adapted " + f["message"]
         log.warning("%s", f["message"])

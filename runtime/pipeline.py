@@ -385,7 +385,8 @@ class Reconstructor:
 
         with stages("measures"):
             measures = self._measures(sub, labels, hr_labels, hr_geo, interp)
-            flags = self._plausibility(measures, labels, hr_labels, frames)
+            flags = self._plausibility(measures, labels, hr_labels, frames, model_labels,
+                                       self.bundle.preprocess.field_of_view_mm)
         warnings += [f["message"] for f in flags]
 
         data_range = float(np.subtract(*self.bundle.preprocess.out_range[::-1]))
@@ -452,10 +453,13 @@ class Reconstructor:
 
     @staticmethod
     def _plausibility(measures: dict[str, dict[str, Any]], labels: np.ndarray,
-                      hr_labels: np.ndarray, frame_ids: Sequence[int]) -> list[dict[str, Any]]:
-        """The plausibility flags of the native and the high-resolution measures."""
+                      hr_labels: np.ndarray, frame_ids: Sequence[int], model_labels: np.ndarray,
+                      field_of_view_mm: float) -> list[dict[str, Any]]:
+        """The plausibility flags of the native and the high-resolution measures; the
+        crop's edge is checked once, on the native slices' labels on the model grid."""
         return (plausibility_flags(measures["native"], labels=labels, source="native",
-                                   frame_ids=frame_ids)
+                                   frame_ids=frame_ids, model_labels=model_labels,
+                                   field_of_view_mm=field_of_view_mm)
                 + plausibility_flags(measures["hr"], labels=hr_labels, source="hr",
                                      frame_ids=frame_ids))
 

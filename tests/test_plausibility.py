@@ -108,6 +108,33 @@ def test_missing_on_mid_slice(structure, k):
     assert "slice 4" in f["message"] and "frame 9" in f["message"]
 
 
+def test_structure_on_the_crop_edge():
+    """A structure on the model grid's outermost pixels may extend beyond the crop the
+    model saw: flagged per structure and phase, with the slices; one pixel inside the
+    edge is not."""
+    lab = _labels(slices=4)
+    assert plausibility_flags(_plausible(), model_labels=lab, field_of_view_mm=160.0) == []
+    lab[1, 2, 3:6, 11] = 3                  # RV at ES on the right edge, slice 2
+    lab[1, 3, 0, 4] = 3                     # and on the top edge, slice 3
+    lab[0, 1, 3:6, 10] = 3                  # one pixel inside at ED: not flagged
+    flags = plausibility_flags(_plausible(), model_labels=lab, field_of_view_mm=160.0,
+                               frame_ids=[1, 9])
+    assert len(flags) == 1
+    f = flags[0]
+    assert (f["code"], f["measure"], f["phase"], f["slices"], f["value"]) == \
+        ("touches_crop_edge", "RVC", 1, [2, 3], 2.0)
+    assert "RV cavity reaches the edge of the 160 mm crop" in f["message"]
+    assert "slices 2, 3 at ES (frame 9)" in f["message"]
+    lab[:, :, -1, :] = 2                    # the myocardium along the bottom everywhere
+    codes = [(f["measure"], f["phase"]) for f in
+             plausibility_flags(_plausible(), model_labels=lab[0], field_of_view_mm=192.0)]
+    assert codes == [("LVM", 0)]           # [S, R, R]: one phase (ED, whose RV is inside)
+    with pytest.raises(ValueError, match="field_of_view_mm"):
+        plausibility_flags(_plausible(), model_labels=lab)
+    with pytest.raises(ValueError, match="model_labels must be"):
+        plausibility_flags(_plausible(), model_labels=lab[0, 0], field_of_view_mm=160.0)
+
+
 def test_mid_ventricular_slices():
     assert list(mid_ventricular_slices(1)) == [0]
     assert list(mid_ventricular_slices(2)) == [0, 1]
