@@ -6,9 +6,9 @@ Export goes through ``torch.export`` (``torch.onnx.export(..., dynamo=True)``), 
 the batch dimension dynamic by default. The exporter's per-node provenance (the Python
 stack trace, with this checkout's absolute paths and line numbers, and the FX node) is
 removed from the written graph: it is not read by any runtime, and without it the same
-network gives the same bytes from any checkout. :func:`verify_onnx` runs the written graph in
-onnxruntime on the CPU and compares it with the PyTorch module on the same inputs,
-stating the maximum absolute and relative error and refusing one above tolerance.
+network gives the same bytes from any checkout. :func:`verify_onnx` runs the written
+graph in onnxruntime on the CPU and compares it with the PyTorch module on the same
+inputs, stating the maximum absolute and relative error and refusing one above tolerance.
 
 torch, onnx and onnxruntime are imported lazily, inside the functions that need them.
 """
@@ -292,5 +292,5 @@ def link_external_weights(onnx_path: str | Path, weight_files: Sequence[str | Pa
     return stats
 
 
-__all__ = ["ExportVerificationError", "link_external_weights", "strip_node_metadata", "export_program", "export_onnx", "verify_onnx",
-           "BATCH_DIM_NAME", "MAX_BATCH"]
+__all__ = ["ExportVerificationError", "link_external_weights", "strip_node_metadata",
+           "export_program", "export_onnx", "verify_onnx", "BATCH_DIM_NAME", "MAX_BATCH"]

@@ -8,8 +8,9 @@ forward op with the same fixed weights: a convolution's input gradient is a tran
 convolution, a fixed spatial resampling (bilinear 2x, 2x2 average pooling, the blur
 pool of LPIPS, LPIPS's resize) is multiplied by its transposed 1-D matrices, leaky ReLU
 and ReLU are masks, a 3x3 max pool scatters the gradient to the maximum its indices
-name (the first of each window: torch's tie rule). The modulated convolution keeps its weight fixed (modulate
-the input, convolve, demodulate), so its style gradient is two reductions.
+name (the first of each window: torch's tie rule). The modulated convolution keeps its
+weight fixed (modulate the input, convolve, demodulate), so its style gradient is two
+reductions.
 
 :class:`Tape` is the bookkeeping: each op records its output, its tracked inputs and
 its backward rule; :meth:`Tape.backward` runs the rules in reverse and sums the

@@ -247,21 +247,22 @@ def plausibility_flags(measures: Mapping[str, Any], *, labels: np.ndarray | None
                the grid's outermost pixels reaches the crop's edge, so the heart may
                extend beyond what the model saw and its volumes be underestimated (on
                the 64 x 2.5 mm grid 8 of the 80 ACDC patients have labels outside the
-               160 mm crop, up to 0.85 %; benchmarks/results/acdc_preprocessing_cpu64w.json).
+               160 mm crop, up to 0.85 %: benchmarks/results/acdc_preprocessing_cpu64w.json).
 
     Checks: :data:`PLAUSIBLE_RANGES` ("out_of_range"), ESV >= EDV for LV and RV
     ("esv_not_below_edv"), an RV cavity of zero volume at a phase ("zero_rv_volume"), a
     structure absent on a mid-ventricular slice at a phase ("missing_on_mid_slice"), a
-    structure on the crop's edge at a phase ("touches_crop_edge"), a NaN or infinite measure ("non_finite"; the ES-derived ones are expected to be NaN
-    when there is no ES phase and are then not flagged).
+    structure on the crop's edge at a phase ("touches_crop_edge"), a NaN or infinite
+    measure ("non_finite"; the ES-derived ones are expected to be NaN when there is no ES
+    phase and are then not flagged).
 
     Returns a list of dicts with the same keys: "code" (one of :data:`FLAG_CODES`),
     "source", "measure" (a column name such as 'LVEF (%)', or a structure 'LVC', 'LVM',
     'RVC'), "value" (float, or the number of slices for a missing structure or one on
     the edge; None when not finite), "range" ([low, high] or None), "phase" (index into
     the P phases, or None), "frame" (its frame number, or None), "slices" (the slice
-    indices of a missing structure or one on the edge, else None) and "message" (one line for a person). Empty when all is
-    plausible. JSON-safe: no NaN anywhere.
+    indices of a missing structure or one on the edge, else None) and "message" (one line
+    for a person). Empty when all is plausible. JSON-safe: no NaN anywhere.
     """
     flags: list[dict[str, Any]] = []
     ed, es = measures.get("ed_phase"), measures.get("es_phase")

@@ -108,7 +108,6 @@ def write_json_atomic(path: str | Path, data: Any, *, sort_keys: bool = True) ->
     return write_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-# ----------------------------------------------------------------------------- folders
 def canonical_safetensors(raw: bytes) -> bytes:
     """The bytes of a safetensors file with its header's ``__metadata__`` entries in sorted
     key order, the rest unchanged. The safetensors library writes that map in hash order,
@@ -132,6 +131,7 @@ def canonical_safetensors(raw: bytes) -> bytes:
     return raw[:8] + text.ljust(n, b" ") + raw[8 + n:]
 
 
+# ----------------------------------------------------------------------------- folders
 def new_sibling(out: str | Path, infix: str) -> Path:
     """Create the empty folder ``.{out.name}{infix}{pid}-{random}`` beside ``out`` (mode
     0o777 minus the umask: the published folder gets the usual permissions, unlike
@@ -250,5 +250,5 @@ def staged_folder(out: str | Path, *, check: Callable[[Path], None] | None = Non
             raise
 
 
-__all__ = ["canonical_safetensors", "sha256_file", "fsync_dir", "write_file_atomic", "write_json_atomic", "new_sibling",
-           "remove_stale_siblings", "publish_folder", "staged_folder", "PARTIAL", "TRASH"]
+__all__ = ["canonical_safetensors", "sha256_file", "fsync_dir", "write_file_atomic",
+           "write_json_atomic", "new_sibling", "remove_stale_siblings", "publish_folder", "staged_folder", "PARTIAL", "TRASH"]
